@@ -1,0 +1,211 @@
+"""Bookkeeping shared by every step-level cache: call order, named branches, the cached Δ, the trace.
+
+A step-level cache sits *outside* the DiT, in the sampling loop. At every sampling step the loop asks
+`should_compute(step, x)`; if the answer is True it runs the DiT and hands the output to `update(x, v)`,
+otherwise it takes `reuse(x)` instead. Subclasses only implement the decision (`_decide`) and, if they
+need statistics of computed steps, `_observe`.
+
+`v` is either one tensor or a dict of named branches (e.g. {"cond": ..., "uncond": ...} for classifier-free
+guidance). All branches share one decision per step; each keeps its own transformation vector Δ = v − x.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+Branches = Tensor | dict[str, Tensor]
+
+_SINGLE = "v"  # internal branch name when the caller passes a plain tensor
+
+
+class StepCache:
+    """One instance serves one generation of `num_steps` sampling steps; build a new one per video."""
+
+    method = "none"
+
+    def __init__(self, num_steps: int, *, reuse_output: bool = False, group: dist.ProcessGroup | None = None):
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        self.num_steps = num_steps
+        self.reuse_output = reuse_output
+        # With a process group, every norm is reduced over all ranks, so ranks that hold different samples
+        # of one batch still take the same decision (as if the whole batch were on one device).
+        self.group = group
+        self._step = -1  # last step decided
+        self._pending: bool | None = None  # decision of `_step` still waiting for update()/reuse()
+        self._shape: torch.Size | None = None
+        self._prev_x: Tensor | None = None  # input of the previous step, computed or not
+        self._last_x: Tensor | None = None  # input of the last computed step
+        self._delta: dict[str, Tensor] | None = None  # Δ_i = v_i − x_i per branch
+        self._names: tuple[str, ...] | None = None
+        self._is_dict: bool | None = None
+        self._records: list[dict] = []
+
+    # ----------------------------------------------------------------------------------------------
+    # The three verbs
+    # ----------------------------------------------------------------------------------------------
+    def should_compute(self, step: int, x: Tensor) -> bool:
+        """Decide whether sampling step `step` (0-based, consecutive) needs a full DiT call.
+
+        Args:
+            step: the sampling step; steps must come in order 0, 1, ..., num_steps − 1.
+            x: the DiT input of this step (the noisy latent, before any condition is concatenated).
+        Returns:
+            True: run the DiT and call `update(x, v)`. False: call `reuse(x)` instead.
+        """
+        if self._pending is not None:
+            verb = "update(x, v)" if self._pending else "reuse(x)"
+            raise RuntimeError(f"step {self._step} is not finished: call {verb} before deciding step {step}")
+        if step != self._step + 1:
+            raise RuntimeError(
+                f"steps must come in order: expected step {self._step + 1}, got {step} "
+                "(build a new cache for every generation)"
+            )
+        if step >= self.num_steps:
+            raise RuntimeError(f"step {step} is beyond the {self.num_steps} steps this cache was built for")
+        if self._shape is not None and x.shape != self._shape:
+            raise ValueError(f"x changed shape from {tuple(self._shape)} to {tuple(x.shape)} at step {step}")
+        self._shape = x.shape
+        record = {
+            "step": step,
+            "compute": True,
+            "reason": "",
+            "input_change": None,
+            "k": None,
+            "eps": None,
+            "acc": None,
+            "rate": None,
+            "dit_seconds": None,
+            "note": None,
+        }
+        if self._prev_x is not None:
+            record["input_change"] = self.mean_abs(x - self._prev_x)  # ‖x_t − x_{t−1}‖, a 0-dim tensor
+        record["compute"], record["reason"] = self._decide(step, x, record)
+        self._records.append(record)
+        self._prev_x = x.detach().clone()
+        self._step, self._pending = step, record["compute"]
+        return record["compute"]
+
+    def update(self, x: Tensor, v: Branches, dit_seconds: float | None = None) -> None:
+        """Store the output of a fully computed step.
+
+        Args:
+            x: the same input that was passed to `should_compute` for this step.
+            v: the DiT output: a tensor, or a dict of named branches (the first one drives the statistics).
+            dit_seconds: optional wall time of the DiT call(s), kept in the trace.
+        """
+        if self._pending is not True:
+            raise RuntimeError(self._misuse("update"))
+        branches = self._branches(v, x)
+        self._observe(x, branches[self._names[0]])
+        self._delta = {name: b - x for name, b in branches.items()}  # Δ_t = v_t − x_t
+        self._last_x = x.detach().clone()
+        self._records[-1]["dit_seconds"] = dit_seconds
+        self._pending = None
+
+    def reuse(self, x: Tensor) -> Branches:
+        """Approximate the DiT output of a skipped step: v̂_t = x_t + Δ_i, for every branch.
+
+        Returns the same structure that was passed to `update` (tensor or dict with the same names).
+        """
+        if self._pending is not False:
+            raise RuntimeError(self._misuse("reuse"))
+        if self._delta is None:
+            raise RuntimeError("reuse() before any update(): no transformation vector is cached yet")
+        # `reuse_output` is the naive cache the paper improves on: hand back v_i itself (x_i + Δ_i).
+        base = self._last_x if self.reuse_output else x
+        out = {name: base + d for name, d in self._delta.items()}
+        self._pending = None
+        return out if self._is_dict else out[_SINGLE]
+
+    # ----------------------------------------------------------------------------------------------
+    # Hooks for subclasses
+    # ----------------------------------------------------------------------------------------------
+    def _decide(self, step: int, x: Tensor, record: dict) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def _observe(self, x: Tensor, v: Tensor) -> None:
+        """Called on every computed step with the first branch, before Δ and last_x are replaced."""
+
+    # ----------------------------------------------------------------------------------------------
+    # Trace and statistics
+    # ----------------------------------------------------------------------------------------------
+    def mean_abs(self, t: Tensor) -> Tensor:
+        """‖t‖ as the authors define it: mean |t| over every element of the whole batch (0-dim fp32)."""
+        if self.group is None:
+            return t.float().abs().mean()
+        total = torch.stack([t.float().abs().sum(), t.new_tensor(t.numel(), dtype=torch.float32)])
+        dist.all_reduce(total, group=self.group)
+        return total[0] / total[1]
+
+    @property
+    def trace(self) -> list[dict]:
+        """One JSON-serialisable record per decided step (non-finite statistics become None + a note)."""
+        out = []
+        for r in self._records:
+            rec = dict(r)
+            for key in ("input_change", "k", "eps", "acc", "rate"):
+                val = rec[key]
+                if isinstance(val, Tensor):  # statistics of warm-up steps are fetched only now: no host sync
+                    val = val.item()
+                if val is not None and not math.isfinite(val):
+                    rec["note"] = (rec["note"] + "; " if rec["note"] else "") + f"{key} = {val}"
+                    val = None
+                rec[key] = val
+            out.append(rec)
+        return out
+
+    @property
+    def stats(self) -> dict:
+        """Computed and skipped steps so far, the NFE ratio (decided steps / computed steps) and DiT time."""
+        computed = [r["step"] for r in self._records if r["compute"]]
+        skipped = [r["step"] for r in self._records if not r["compute"]]
+        times = [r["dit_seconds"] for r in self._records if r["dit_seconds"] is not None]
+        return {
+            "method": self.method,
+            "num_steps": self.num_steps,
+            "computed_steps": computed,
+            "skipped_steps": skipped,
+            "num_computed": len(computed),
+            "num_skipped": len(skipped),
+            "nfe_ratio": len(self._records) / len(computed) if computed else None,
+            "dit_seconds": sum(times) if times else None,
+        }
+
+    def summary(self) -> str:
+        s = self.stats
+        ratio = f"{s['nfe_ratio']:.2f}x" if s["nfe_ratio"] else "n/a"
+        return f"{self.method}: computed {s['num_computed']}/{len(self._records)} steps (NFE ratio {ratio})"
+
+    # ----------------------------------------------------------------------------------------------
+    # Helpers
+    # ----------------------------------------------------------------------------------------------
+    def _branches(self, v: Branches, x: Tensor) -> dict[str, Tensor]:
+        is_dict = isinstance(v, dict)
+        branches = v if is_dict else {_SINGLE: v}
+        if is_dict and not branches:
+            raise ValueError("update() got an empty dict of branches")
+        names = tuple(branches)
+        if self._names is not None and (names != self._names or is_dict != self._is_dict):
+            got = names if is_dict else "a tensor"
+            want = self._names if self._is_dict else "a tensor"
+            raise ValueError(f"the branches changed between computed steps: got {got}, expected {want}")
+        for name, b in branches.items():
+            if not isinstance(b, Tensor) or b.shape != x.shape:
+                shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+                raise ValueError(
+                    f"branch {name!r} has shape {shape}, expected the shape of x {tuple(x.shape)}"
+                )
+        self._names, self._is_dict = names, is_dict
+        return branches
+
+    def _misuse(self, verb: str) -> str:
+        if self._pending is None:
+            return f"{verb}() called without a pending decision: call should_compute(step, x) first"
+        want = "update(x, v)" if self._pending else "reuse(x)"
+        decided = "compute" if self._pending else "skip"
+        return f"step {self._step} was decided {decided}: call {want}, not {verb}()"

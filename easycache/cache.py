@@ -1,0 +1,175 @@
+"""EasyCache: skip a DiT call while the predicted change of its output stays small.
+
+Paper: Zhou, Liang et al., "Less is Enough: Training-Free Video Diffusion Acceleration via Runtime-Adaptive
+Caching", arXiv 2507.02860, Sec. 3. Authors' code: github.com/H-EmbodVis/EasyCache (the decision below
+reproduces it step for step; see ../shared spec/method.md in the project docs).
+
+Symbols (paper -> code), at sampling step t with i the last fully computed step and j the one before:
+    x_t                      DiT input (noisy latent)                    `x`
+    v_t = u(x_t | prompt)    DiT output                                  `v`
+    Δ_i = v_i − x_i          transformation vector, reused on skips      `self._delta`  (base.py)
+    k_i = ‖v_i − v_j‖ / ‖x_i − x_j‖   transformation rate (a chord over the skip gap)   `self.k`
+    ε_t = k_i ‖x_t − x_{t−1}‖ / ‖v_i‖  predicted relative output change of one step  `eps`
+    E_t = Σ_{n=i+1..t} ε_n   accumulated predicted change                 `self.acc`
+    skip step t  iff  t ≥ R, t ≠ N−1, k exists and E_t < τ;  then v̂_t = x_t + Δ_i.
+‖·‖ is the mean absolute value over all elements of the whole batch (the authors concatenate the samples
+of a batch and take `.abs().mean()`), so one decision covers the batch and every CFG branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .base import StepCache
+
+K_UPDATES = ("local", "mean", "ema")
+
+
+@dataclass(frozen=True)
+class EasyCacheConfig:
+    """Settings of the runtime-adaptive criterion; defaults are the paper's Wan2.1 setting."""
+
+    thresh: float = 0.05
+    """τ: skip while the accumulated deviation E_t stays below it (authors: `thresh`; Wan 0.05,
+    HunyuanVideo 0.025). τ = 0 computes every step."""
+
+    warmup: int = 10
+    """R: the first R sampling steps are always computed (authors: `ret_steps`, counted there in forward
+    calls, `10 * 2` for Wan with CFG; here in sampling steps)."""
+
+    compute_last: bool = True
+    """Always compute the last step (authors: `cutoff_steps`, the last step's calls)."""
+
+    k_update: str = "local"
+    """How k follows the rates measured at computed steps: "local" keeps the latest one (paper: k_local, the
+    adopted variant; authors: `k`), "mean" averages all of them (paper: k_avg), "ema" keeps an exponential
+    moving average with weight `ema_decay` on the past (paper: k_ema)."""
+
+    ema_decay: float = 0.9
+    """Weight of the past in the "ema" k update (ours: the paper does not state its value)."""
+
+    reuse_output: bool = False
+    """Ablation: on a skipped step return the last computed output v_i itself instead of x_t + Δ_i (the
+    naive output cache that the transformation vector improves on; commented out in the authors' code)."""
+
+    def __post_init__(self):
+        if isinstance(self.thresh, bool) or not isinstance(self.thresh, (int, float)) or not self.thresh >= 0:
+            raise ValueError(f"EasyCacheConfig.thresh (τ) must be a number >= 0, got {self.thresh!r}")
+        if math.isinf(self.thresh):
+            raise ValueError(
+                "EasyCacheConfig.thresh (τ) must be finite; use a large number to skip aggressively"
+            )
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"EasyCacheConfig.warmup (R) must be an int >= 0, got {self.warmup!r}")
+        if self.k_update not in K_UPDATES:
+            raise ValueError(f"EasyCacheConfig.k_update must be one of {K_UPDATES}, got {self.k_update!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"EasyCacheConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        for name in ("compute_last", "reuse_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EasyCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+
+class EasyCache(StepCache):
+    """The paper's runtime-adaptive criterion; one instance per generation."""
+
+    method = "easycache"
+
+    def __init__(self, config: EasyCacheConfig, num_steps: int, *, group: dist.ProcessGroup | None = None):
+        if not isinstance(config, EasyCacheConfig):
+            raise TypeError(f"config must be an EasyCacheConfig, got {type(config).__name__}")
+        super().__init__(num_steps, reuse_output=config.reuse_output, group=group)
+        if config.warmup >= num_steps:
+            raise ValueError(
+                f"EasyCacheConfig.warmup (R={config.warmup}) must be smaller than the {num_steps} sampling "
+                "steps, otherwise nothing can be cached"
+            )
+        self.config = config
+        self.k: float | None = None  # k_i as used in ε (host float)
+        self.acc = 0.0  # E_t
+        self._num_rates = 0  # finite rates folded into k (for "mean")
+        self._new_rates: list[Tensor] = []  # rates measured since the last host sync, still on the device
+        self._last_v_norm: Tensor | None = None  # ‖v_i‖ of the last computed step (first branch)
+        self._last_v: Tensor | None = None  # v_i (first branch), for the next chord
+
+    def _decide(self, step: int, x: Tensor, record: dict) -> tuple[bool, str]:
+        cfg = self.config
+        if step < cfg.warmup or (cfg.compute_last and step == self.num_steps - 1):
+            self.acc = 0.0  # warm-up and the last step always compute and reset E
+            record["acc"] = 0.0
+            return True, "warmup" if step < cfg.warmup else "last_step"
+        # One host sync per decision: fetch ‖x_t − x_{t−1}‖, ‖v_i‖ and the rates measured since the last
+        # decision together (warm-up steps never sync; their statistics stay on the device until `trace`).
+        stats = [record["input_change"], self._last_v_norm, *self._new_rates]
+        if any(s is None for s in stats[:2]):
+            return True, "no_k"  # cannot happen after a computed step; kept for a clear trace
+        values = [float(s) for s in _host(stats)]
+        input_change, last_v_norm, rates = values[0], values[1], values[2:]
+        record["input_change"] = input_change
+        bad_rate = self._fold_rates(rates)
+        record["k"] = self.k
+        if self.k is None and not bad_rate:
+            return True, "no_k"  # k needs two computed steps
+        if bad_rate or not (math.isfinite(input_change) and math.isfinite(last_v_norm) and last_v_norm > 0):
+            # A zero denominator (no input change between the two computed steps, an all-zero output) or a
+            # non-finite statistic: the prediction is meaningless, so compute and start afresh.
+            self.acc = 0.0
+            record["note"] = "degenerate statistic: " + (
+                "transformation rate is not finite"
+                if bad_rate
+                else f"‖v_i‖ = {last_v_norm}, ‖Δx‖ = {input_change}"
+            )
+            return True, "degenerate"
+        eps = self.k * input_change / last_v_norm  # ε_t = k_i ‖x_t − x_{t−1}‖ / ‖v_i‖
+        self.acc += eps  # E_t = E_{t−1} + ε_t
+        record["eps"], record["acc"] = eps, self.acc
+        if self.acc < cfg.thresh:
+            return False, "reuse"
+        self.acc = 0.0  # E_t ≥ τ: compute this step and restart the accumulation
+        return True, "threshold"
+
+    def _observe(self, x: Tensor, v: Tensor) -> None:
+        if self._last_v is not None:
+            # k = ‖v_t − v_i‖ / ‖x_t − x_i‖ between this and the previous *computed* step (the authors'
+            # chord over the whole skip gap, not a one-step rate). Stays on the device until the next
+            # decision.
+            rate = self.mean_abs(v - self._last_v) / self.mean_abs(x - self._last_x)
+            self._new_rates.append(rate)
+            self._records[-1]["rate"] = rate
+        self._last_v = v.detach().clone()
+        self._last_v_norm = self.mean_abs(v)
+
+    def _fold_rates(self, rates: list[float]) -> bool:
+        """Fold newly measured rates into k; True if the newest one is not finite (a zero denominator)."""
+        self._new_rates = []
+        bad = False
+        for r in rates:
+            bad = not math.isfinite(r)
+            if bad:
+                continue  # never let a broken rate into k; the caller forces a compute instead
+            if self.k is None or self.config.k_update == "local":
+                self.k = r
+            elif self.config.k_update == "mean":
+                self.k = (self.k * self._num_rates + r) / (self._num_rates + 1)
+            else:  # "ema"
+                self.k = self.config.ema_decay * self.k + (1.0 - self.config.ema_decay) * r
+            self._num_rates += 1
+        return bad
+
+    @property
+    def stats(self) -> dict:
+        return {**super().stats, "config": asdict(self.config)}
+
+
+def _host(tensors: list) -> list:
+    """Fetch a list of 0-dim tensors (or floats) to the host with one synchronisation."""
+    dev = [t for t in tensors if isinstance(t, Tensor)]
+    if not dev:
+        return tensors
+    fetched = iter(torch.stack([t.detach().float().to(dev[0].device) for t in dev]).tolist())
+    return [next(fetched) if isinstance(t, Tensor) else t for t in tensors]

@@ -1,0 +1,89 @@
+"""Command-line flags shared by the sample scripts: pick a cache with `--cache` and set its knobs."""
+
+from __future__ import annotations
+
+import argparse
+
+from .base import StepCache
+from .baselines import StaticCache, StaticCacheConfig
+from .cache import K_UPDATES, EasyCache, EasyCacheConfig
+
+METHODS = ("easycache", "static", "none")
+
+
+def add_cache_args(parser: argparse.ArgumentParser, *, thresh: float = 0.05, warmup: int = 10) -> None:
+    """Add the cache flags; `thresh`, `warmup`: the model's defaults (Wan 0.05/10, HunyuanVideo 0.025/5)."""
+    g = parser.add_argument_group("caching")
+    g.add_argument(
+        "--cache",
+        choices=METHODS,
+        default="easycache",
+        help="step cache: the paper's runtime-adaptive EasyCache, a static interval, or none (baseline)",
+    )
+    g.add_argument("--thresh", type=float, default=thresh, help="EasyCache τ (default %(default)s)")
+    g.add_argument(
+        "--warmup",
+        type=int,
+        default=warmup,
+        help="R: sampling steps always computed at the start (default %(default)s)",
+    )
+    g.add_argument(
+        "--interval", type=int, default=2, help="static cache: compute every n-th step after warm-up"
+    )
+    g.add_argument(
+        "--k-update",
+        "--k_update",
+        dest="k_update",
+        choices=K_UPDATES,
+        default="local",
+        help="EasyCache ablation: how k follows the measured rates (default %(default)s)",
+    )
+    g.add_argument(
+        "--ema-decay",
+        "--ema_decay",
+        dest="ema_decay",
+        type=float,
+        default=0.9,
+        help="weight of the past for --k-update ema",
+    )
+    g.add_argument(
+        "--reuse-output",
+        "--reuse_output",
+        dest="reuse_output",
+        action="store_true",
+        help="EasyCache ablation: reuse the last output v_i instead of x_t + Δ_i",
+    )
+    g.add_argument(
+        "--no-compute-last",
+        "--no_compute_last",
+        dest="compute_last",
+        action="store_false",
+        help="allow the last step to be skipped",
+    )
+
+
+def cache_config(args: argparse.Namespace) -> EasyCacheConfig | StaticCacheConfig | None:
+    """Validate the cache flags early (before any model is loaded); None for `--cache none`."""
+    if args.cache == "none":
+        return None
+    if args.cache == "static":
+        return StaticCacheConfig(interval=args.interval, warmup=args.warmup, compute_last=args.compute_last)
+    return EasyCacheConfig(
+        thresh=args.thresh,
+        warmup=args.warmup,
+        compute_last=args.compute_last,
+        k_update=args.k_update,
+        ema_decay=args.ema_decay,
+        reuse_output=args.reuse_output,
+    )
+
+
+def make_cache(
+    config: EasyCacheConfig | StaticCacheConfig | None, num_steps: int, **kwargs
+) -> StepCache | None:
+    """A fresh cache for one generation (None runs the uncached baseline through the same loop)."""
+    if config is None:
+        return None
+    if isinstance(config, StaticCacheConfig):
+        return StaticCache(config, num_steps, **kwargs)
+    return EasyCache(config, num_steps, **kwargs)

@@ -1,0 +1,75 @@
+"""Data-parallel sampling: ranks holding different samples of one batch must take identical decisions."""
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from easycache import EasyCache, EasyCacheConfig
+
+N_STEPS, BATCH = 24, 4
+
+
+def trajectory(x, model, cache):
+    pattern = ""
+    for t in range(N_STEPS):
+        if cache.should_compute(t, x):
+            v = model(x, t)
+            cache.update(x, v)
+            pattern += "C"
+        else:
+            v = cache.reuse(x)
+            pattern += "S"
+        x = x - 0.04 * v
+    return pattern, x
+
+
+def make_problem():
+    g = torch.Generator().manual_seed(7)
+    shape = (BATCH, 4, 3, 8, 8)
+    a, b, x0 = (torch.randn(shape, generator=g) for _ in range(3))
+    # Samples whose velocity drifts at very different speeds, so per-shard statistics would disagree.
+    drift = torch.tensor([0.0, 0.01, 0.3, 0.5]).view(BATCH, 1, 1, 1, 1)
+    model = lambda x, t: torch.tanh(a * x) + b * (1 + drift * t)  # noqa: E731
+    return x0, model
+
+
+def _worker(rank, world, init_file, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    x0, model = make_problem()
+    shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    cache = EasyCache(EasyCacheConfig(thresh=0.1, warmup=4), N_STEPS, group=dist.group.WORLD)
+    pattern, x = trajectory(x0[shard], lambda x, t: model_shard(model, x, t, shard), cache)
+    torch.save({"pattern": pattern, "x": x}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def model_shard(model, x, t, shard):
+    full = torch.zeros((BATCH, *x.shape[1:]))
+    full[shard] = x
+    return model(full, t)[shard]
+
+
+def test_ranks_take_the_decisions_of_the_whole_batch():
+    x0, model = make_problem()
+    want_pattern, want_x = trajectory(x0, model, EasyCache(EasyCacheConfig(thresh=0.1, warmup=4), N_STEPS))
+    assert "S" in want_pattern and want_pattern.count("C") > 6
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    assert [r["pattern"] for r in results] == [want_pattern, want_pattern]
+    torch.testing.assert_close(torch.cat([r["x"] for r in results]), want_x, rtol=1e-5, atol=1e-6)
+    # Without the group each rank would decide on its own shard and the ranks would disagree.
+    solo = [
+        trajectory(
+            x0[s],
+            lambda x, t, s=s: model_shard(model, x, t, s),
+            EasyCache(EasyCacheConfig(thresh=0.1, warmup=4), N_STEPS),
+        )[0]
+        for s in (slice(0, 2), slice(2, 4))
+    ]
+    assert solo[0] != solo[1]
