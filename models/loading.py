@@ -1,0 +1,89 @@
+"""Reading official checkpoint files and loading them strictly; clear errors for missing or broken files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+
+def require_files(ckpt_dir: str, files: Iterable[str], *, repo_id: str) -> None:
+    """Fail early, before anything heavy, if any of `files` is missing in `ckpt_dir`; say how to get them."""
+    missing = [f for f in files if not os.path.isfile(os.path.join(ckpt_dir, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"{ckpt_dir} lacks {', '.join(missing)} (from the Hub repo {repo_id}); fetch them with: "
+            f"huggingface-cli download {repo_id} --local-dir {ckpt_dir}"
+        )
+
+
+def load_file_state_dict(path: str) -> dict[str, Tensor]:
+    """A state dict from one .safetensors or .pt/.pth file (pickles are read with weights_only=True)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        # weights_only: never unpickle arbitrary objects; mmap avoids holding a 25 GB file twice.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # safetensors/pickle errors differ by version; report them in one form
+        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a checkpoint?): {e}") from e
+
+
+def load_sharded_safetensors(ckpt_dir: str, name: str = "diffusion_pytorch_model") -> dict[str, Tensor]:
+    """`name`.safetensors, or the shards listed by `name`.safetensors.index.json (diffusers' layout)."""
+    single = os.path.join(ckpt_dir, f"{name}.safetensors")
+    index = os.path.join(ckpt_dir, f"{name}.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file_state_dict(single)
+    if not os.path.isfile(index):
+        raise FileNotFoundError(
+            f"{ckpt_dir} has neither {name}.safetensors nor {name}.safetensors.index.json"
+        )
+    with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    state_dict: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        part = load_file_state_dict(os.path.join(ckpt_dir, shard))
+        wrong = [k for k in part if weight_map.get(k) != shard]
+        if wrong:
+            raise ValueError(f"{shard} holds keys its index does not assign to it: {wrong[:5]}")
+        state_dict.update(part)
+    absent = sorted(set(weight_map) - set(state_dict))
+    if absent:
+        raise ValueError(f"the index lists keys that no shard holds: {absent[:5]}")
+    return state_dict
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, Tensor], *, source: str = "checkpoint") -> nn.Module:
+    """Load with strict key and shape checks, assigning tensors (a model built on the meta device takes the
+    loaded storage instead of a copy). Every mismatch is listed in one error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [
+        f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match {type(model).__name__}:"]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        ):
+            if items:
+                lines.append(
+                    f"  {len(items)} {title}: " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
+                )
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise ValueError(f"tensors left on the meta device after loading {source}: {still_meta[:10]}")
+    return model
