@@ -87,3 +87,36 @@ def load_strict(model: nn.Module, state_dict: dict[str, Tensor], *, source: str 
     if still_meta:
         raise ValueError(f"tensors left on the meta device after loading {source}: {still_meta[:10]}")
     return model
+
+
+def resolve_checkpoint(
+    ckpt_dir: str | None, *, repo_id: str | None, files: list[str], patterns: list[str], default_dir: str
+) -> str:
+    """The local folder holding `files`.
+
+    A given `ckpt_dir` must already be complete. Otherwise `default_dir` is used, and what it lacks is fetched
+    from `repo_id` with `huggingface_hub.snapshot_download`, limited to `patterns` (only the files this run
+    needs). Without network access this fails at once with the command that fetches the files elsewhere.
+    """
+    if ckpt_dir is not None:
+        if not os.path.isdir(ckpt_dir):
+            raise FileNotFoundError(f"--ckpt_dir {ckpt_dir} is not a directory")
+        require_files(ckpt_dir, files, repo_id=repo_id or "(no Hub repo)")
+        return ckpt_dir
+    if all(os.path.isfile(os.path.join(default_dir, f)) for f in files):
+        return default_dir
+    if repo_id is None:
+        require_files(default_dir, files, repo_id="(no Hub repo: the files ship with this repository)")
+    command = f"huggingface-cli download {repo_id} {' '.join(patterns)} --local-dir {default_dir}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id, allow_patterns=patterns, local_dir=default_dir)
+    except Exception as e:  # offline, gated repo, no disk space, ...: one message that says what to do
+        raise FileNotFoundError(
+            f"{default_dir} lacks files of {repo_id} ({', '.join(files)}) and downloading them failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Fetch them where the Hub is "
+            f"reachable with:\n  {command}\nor pass --ckpt_dir to a folder that holds them."
+        ) from e
+    require_files(default_dir, files, repo_id=repo_id)
+    return default_dir
