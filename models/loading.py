@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterable
 
 import torch
@@ -28,8 +29,9 @@ def load_file_state_dict(path: str) -> dict[str, Tensor]:
     try:
         if path.endswith(".safetensors"):
             return load_file(path)
-        # weights_only: never unpickle arbitrary objects; mmap avoids holding a 25 GB file twice.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # weights_only: never unpickle arbitrary objects. mmap avoids holding a 25 GB file twice; it needs
+        # torch's zip format (legacy pickles from torch < 1.6 are read into memory instead).
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # safetensors/pickle errors differ by version; report them in one form
         raise ValueError(f"cannot read checkpoint {path} (corrupt or not a checkpoint?): {e}") from e
 
