@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from .base import StepCache
 from .baselines import StaticCache, StaticCacheConfig
@@ -87,3 +88,33 @@ def make_cache(
     if isinstance(config, StaticCacheConfig):
         return StaticCache(config, num_steps, **kwargs)
     return EasyCache(config, num_steps, **kwargs)
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every sample script shares for its outputs and the comparison mode."""
+    g = parser.add_argument_group("outputs and comparison")
+    g.add_argument("--report", help="JSON report path (default: next to the video, .json)")
+    g.add_argument("--lossless", action="store_true", help="also write a lossless .mkv (FFV1) for measuring")
+    g.add_argument(
+        "--compare",
+        action="store_true",
+        help="run the uncached baseline and the chosen cache from the same seed, print one table row",
+    )
+    g.add_argument(
+        "--prompts", help="a text file with one prompt per line (# comments); reports means over it"
+    )
+    g.add_argument(
+        "--no-lpips", "--no_lpips", dest="lpips", action="store_false", help="skip LPIPS in --compare"
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def read_prompts(path: str) -> list[str]:
+    """Non-empty lines of a prompt file that do not start with '#'."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompts file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts file {path} holds no prompt")
+    return prompts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from contextlib import contextmanager
 
@@ -67,3 +68,80 @@ def write_json(path: str, data: dict) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a prompt."""
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return s[:limit].rstrip("_") or "prompt"
+
+
+def describe_cache(stats: dict | None) -> str:
+    if stats is None:
+        return "no cache"
+    cfg = stats.get("config", {})
+    knobs = (
+        f"τ={cfg['thresh']} R={cfg['warmup']}"
+        if stats["method"] == "easycache"
+        else (f"n={cfg.get('interval')} R={cfg.get('warmup')}")
+    )
+    return (
+        f"{stats['method']} {knobs}: computed {stats['num_computed']}/{stats['num_steps']} steps "
+        f"(NFE ratio {stats['nfe_ratio']:.2f}x)"
+    )
+
+
+class RunOutputs:
+    """Where a sample script writes its video(s) and report, and how it names them."""
+
+    def __init__(
+        self, video: str | None, report: str | None, *, default_name: str, fps: float, lossless: bool
+    ):
+        self.video = video or os.path.join("outputs", f"{default_name}.mp4")
+        if not self.video.endswith(".mp4"):
+            raise ValueError(f"the video is written as .mp4, got {self.video}")
+        self.report = report or self.video[: -len(".mp4")] + ".json"
+        if not self.report.endswith(".json"):
+            raise ValueError(f"the report is written as .json, got {self.report}")
+        self.fps, self.lossless = fps, lossless
+        self._num_pairs = 0
+
+    def _write(self, path_mp4: str, frames) -> dict:
+        from .video import LOSSLESS_SUFFIX, write_video
+
+        paths = {"video": write_video(path_mp4, frames, self.fps)}
+        if self.lossless:
+            paths["lossless"] = write_video(path_mp4[: -len(".mp4")] + LOSSLESS_SUFFIX, frames, self.fps)
+        return paths
+
+    def save_single(self, gen, *, prompt: str, seed: int, index: int | None = None) -> dict:
+        """Write the video (and lossless copy); return the report section of this generation. `index` numbers
+        the videos of a prompt list."""
+        path = self.video if index is None else f"{self.video[: -len('.mp4')]}_{index}.mp4"
+        return {
+            "prompt": prompt,
+            "seed": seed,
+            "outputs": self._write(path, gen.frames),
+            "seconds": gen.seconds,
+            "dit_calls": gen.dit_calls,
+            "cache": gen.cache_stats,
+            "trace": gen.trace,
+        }
+
+    def save_pair(self, prompt: str, base, cached, row: dict) -> None:
+        """--compare: write both videos of one prompt; record their paths in the row."""
+        stem = f"{self.video[: -len('.mp4')]}_{self._num_pairs}"
+        self._num_pairs += 1
+        row["outputs"] = {
+            "baseline": self._write(f"{stem}_baseline.mp4", base.frames),
+            "cached": self._write(f"{stem}_cached.mp4", cached.frames),
+        }
+        row["trace"] = cached.trace
+
+
+def summary_line(label: str, gen, video: str) -> str:
+    s = gen.seconds
+    return (
+        f"{label} | {describe_cache(gen.cache_stats)} | DiT calls {gen.dit_calls} | DiT {s['dit']:.2f} s, "
+        f"end-to-end {s['end_to_end']:.2f} s | {video}"
+    )

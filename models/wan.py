@@ -119,6 +119,9 @@ class WanConfig:
 WAN_T2V_1_3B = WanConfig(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_T2V_14B = WanConfig(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 WAN_I2V_14B = WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+# The embedded demo model (train_wan_tiny.py, checkpoints/wan-tiny): 64×64×17 videos -> 16×5×8×8 latents ->
+# 80 tokens; its text encoder is a 64-wide umT5 over 16 tokens.
+WAN_TINY = WanConfig(text_len=16, dim=192, ffn_dim=512, text_dim=64, num_heads=3, num_layers=6)
 
 # The 480P and 720P I2V checkpoints share one DiT architecture (they differ only in weights).
 WAN_CONFIGS = {
@@ -126,6 +129,7 @@ WAN_CONFIGS = {
     "t2v-14B": WAN_T2V_14B,
     "i2v-14B-480P": WAN_I2V_14B,
     "i2v-14B-720P": WAN_I2V_14B,
+    "tiny": WAN_TINY,
 }
 WAN_REPOS = {
     "t2v-1.3B": "Wan-AI/Wan2.1-T2V-1.3B",
@@ -504,7 +508,7 @@ def load_wan(
     if config is None:
         _require(ckpt_dir, ["config.json"], repo_id)
         config = WanConfig.from_json(os.path.join(ckpt_dir, "config.json"))
-    repo_id = repo_id or next((WAN_REPOS[name] for name, c in WAN_CONFIGS.items() if c == config), None)
+    repo_id = repo_id or next((WAN_REPOS.get(name) for name, c in WAN_CONFIGS.items() if c == config), None)
     index = os.path.join(ckpt_dir, f"{WEIGHTS}.safetensors.index.json")
     if os.path.isfile(index):  # fail on a missing shard before reading any of them
         with open(index) as f:

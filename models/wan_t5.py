@@ -84,6 +84,9 @@ class WanT5Config:
 
 
 UMT5_XXL = WanT5Config()
+# The embedded demo model's encoder (train_wan_tiny.py): same architecture, random weights from a seed, and a
+# word-level tokenizer over its caption grammar (checkpoints/wan-tiny/google/umt5-xxl/).
+UMT5_TINY = WanT5Config(vocab_size=32, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2)
 
 # Official key -> transformers key. The FFN's `gate` (GELU branch) is wi_0, its linear branch `fc1` is wi_1.
 _TOP_KEYS = {

@@ -74,6 +74,11 @@ class WanVAEConfig:
 
 
 WAN_VAE_CONFIG = WanVAEConfig()
+# The embedded demo model's VAE (train_wan_tiny.py): 16 base channels, one residual block per level; its
+# latent statistics were measured on the training videos after the VAE was trained.
+WAN_VAE_TINY = WanVAEConfig(
+    base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16
+)  # fmt: skip  (placeholder)
 
 #####  official <-> diffusers key names  #####
 

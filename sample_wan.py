@@ -1,0 +1,251 @@
+"""Wan2.1 text-to-video with EasyCache: umT5 -> DiT sampling loop (cache visible) -> VAE -> video + report.
+
+    python sample_wan.py --task tiny --prompt "a red circle moving right on a blue background"
+    python sample_wan.py --task t2v-1.3B --size 832*480 --prompt "A cat walks on the grass, realistic style."
+    python sample_wan.py --task t2v-1.3B --cache none ...                  # the uncached baseline, same loop
+    python sample_wan.py --task t2v-1.3B --compare --prompts prompts.txt   # baseline vs cache: one table row
+
+Flags keep the official generate.py names (--task --size --frame_num --sample_steps --sample_shift
+--sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu); the cache flags come from
+easycache.cli. Without --ckpt_dir the needed files of the task's Hub repo are downloaded into checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from easycache.cli import add_cache_args, add_output_args, cache_config, make_cache, read_prompts
+from easycache.compare import Generation, compare_runs, print_comparison
+from easycache.metrics import json_safe
+from easycache.report import RunOutputs, Stopwatch, environment, slug, summary_line, write_json
+from easycache.video import to_uint8_frames
+from models.loading import resolve_checkpoint
+from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
+from models.wan import WAN_CONFIGS, WanConfig, load_wan
+from models.wan_t5 import UMT5_TINY, UMT5_XXL, WAN_NEGATIVE_PROMPT, WanT5Config, WanTextEncoder, pad_context
+from models.wan_vae import WAN_VAE_CONFIG, WAN_VAE_FILE, WAN_VAE_TINY, WanVAE, WanVAEConfig
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything that differs between the Wan tasks; the defaults of the official generate.py."""
+
+    repo_id: str | None  # Hub repo (None: the checkpoint ships with this repository)
+    ckpt_dir: str  # where it lives or is downloaded to
+    dit: WanConfig | None  # None: read the checkpoint's config.json
+    t5: WanT5Config
+    vae: WanVAEConfig
+    sizes: tuple[str, ...]  # the official sizes "W*H"; others (multiples of 16) are allowed with a note
+    frame_num: int = 81
+    sample_steps: int = 50
+    sample_shift: float = 5.0
+    sample_guide_scale: float = 5.0
+    fps: int = 16
+    text_len: int = 512
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    prompt: str = (  # the official example prompt of t2v tasks
+        "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted "
+        "stage."
+    )
+    weights: str = "diffusion_pytorch_model.safetensors"  # or the shard index of a sharded DiT
+
+
+_WAN_FILES = ["models_t5_umt5-xxl-enc-bf16.pth", WAN_VAE_FILE, "google/umt5-xxl/tokenizer_config.json"]
+TASKS = {
+    "t2v-1.3B": Task(
+        "Wan-AI/Wan2.1-T2V-1.3B", "checkpoints/Wan2.1-T2V-1.3B", WAN_CONFIGS["t2v-1.3B"], UMT5_XXL,
+        WAN_VAE_CONFIG, sizes=("832*480", "480*832"),
+    ),
+    "t2v-14B": Task(
+        "Wan-AI/Wan2.1-T2V-14B", "checkpoints/Wan2.1-T2V-14B", WAN_CONFIGS["t2v-14B"], UMT5_XXL,
+        WAN_VAE_CONFIG, sizes=("1280*720", "720*1280", "832*480", "480*832"),
+        weights="diffusion_pytorch_model.safetensors.index.json",
+    ),
+    # The embedded demo model (train_wan_tiny.py): same classes and file layout, toy sizes, runs on a CPU.
+    "tiny": Task(
+        None, "checkpoints/wan-tiny", None, UMT5_TINY, WAN_VAE_TINY, sizes=("64*64",), frame_num=17,
+        sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
+        prompt="a red circle moving right on a blue background",
+    ),
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, default="t2v-1.3B")
+    p.add_argument("--size", help="W*H, e.g. 832*480 (default: the task's first official size)")
+    p.add_argument("--frame_num", type=int, help="frames, 4n+1 (default 81; tiny 17)")
+    p.add_argument("--sample_steps", type=int, help="sampling steps (default 50)")
+    p.add_argument("--sample_shift", type=float, help="flow shift (default 5.0; tiny 3.0)")
+    p.add_argument("--sample_guide_scale", type=float, help="classifier-free guidance scale (default 5.0)")
+    p.add_argument("--sample_solver", choices=["unipc", "euler"], default="unipc")
+    p.add_argument("--prompt", help="the prompt (default: the task's example prompt)")
+    p.add_argument("--negative_prompt", help="default: the official negative prompt (tiny: empty)")
+    p.add_argument("--base_seed", type=int, default=-1, help="seed; -1 draws one (recorded in the report)")
+    p.add_argument("--ckpt_dir", help="local checkpoint folder (default: the task's folder in checkpoints/)")
+    p.add_argument(
+        "--save_file", help="output .mp4 (default: outputs/wan_<task>_<cache>_<prompt>_<seed>.mp4)"
+    )
+    p.add_argument(
+        "--offload_model", action="store_true", help="move the DiT to the CPU while the VAE decodes"
+    )
+    p.add_argument("--t5_cpu", action="store_true", help="keep the umT5 encoder on the CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="DiT dtype (default bf16 on CUDA, else fp32)"
+    )
+    add_cache_args(p, thresh=0.05, warmup=10)  # the paper's Wan2.1 setting
+    add_output_args(p)
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[str]]:
+    """Fill task defaults and refuse bad input before anything heavy is loaded."""
+    task = TASKS[args.task]
+    for name in (
+        "frame_num",
+        "sample_steps",
+        "sample_shift",
+        "sample_guide_scale",
+        "prompt",
+        "negative_prompt",
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(task, name))
+    args.size = args.size or task.sizes[0]
+    try:
+        width, height = (int(v) for v in args.size.split("*"))
+    except ValueError:
+        raise ValueError(f"--size must look like 832*480 (width*height), got {args.size!r}") from None
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        raise ValueError(
+            f"--size {args.size}: width and height must be positive multiples of 16 (VAE 8 × patch 2)"
+        )
+    if args.size not in task.sizes:
+        print(f"note: {args.size} is not an official size of {args.task} ({', '.join(task.sizes)})")
+    if args.frame_num < 1 or (args.frame_num - 1) % 4:
+        raise ValueError(
+            f"--frame_num must be 4n+1 (the VAE compresses 4 frames into 1), got {args.frame_num}"
+        )
+    if args.sample_steps < 1:
+        raise ValueError(f"--sample_steps must be >= 1, got {args.sample_steps}")
+    make_cache(cache_config(args), args.sample_steps)  # validates τ, R < steps, ...
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    if args.base_seed < 0:
+        args.base_seed = random.randint(0, 2**31 - 1)
+    return task, (width, height), prompts
+
+
+class WanT2V:
+    """The loaded components of one task and how to run them once."""
+
+    def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace):
+        self.task, self.args, self.device = task, args, torch.device(args.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
+        ]
+        t5_device = "cpu" if args.t5_cpu else self.device
+        t5_dtype = torch.bfloat16 if task.t5 is UMT5_XXL else torch.float32  # official: bf16 umT5
+        self.text_encoder = WanTextEncoder.from_checkpoint(
+            ckpt_dir, config=task.t5, device=t5_device, dtype=t5_dtype, text_len=task.text_len
+        )
+        self.dit = load_wan(ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id)
+        self.vae = WanVAE.from_checkpoint(
+            os.path.join(ckpt_dir, WAN_VAE_FILE), config=task.vae, device=self.device
+        )
+
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
+        args, device = self.args, self.device
+        sw = Stopwatch(device)
+        with sw.phase("end_to_end"):
+            with sw.phase("text"):
+                ctx, ctx_null = (
+                    pad_context([c]).to(device) for c in self.text_encoder([prompt, args.negative_prompt])
+                )
+            width, height = (int(v) for v in args.size.split("*"))
+            shape = self.vae.latent_shape(args.frame_num, height, width)  # (16, T, h, w)
+            g = torch.Generator(device).manual_seed(seed)
+            latents = torch.randn(shape, generator=g, device=device, dtype=torch.float32)[
+                None
+            ]  # [1, 16, T, h, w]
+            steps = num_steps or args.sample_steps
+            sigmas = wan_sigmas(steps, args.sample_shift)
+            solver = FlowUniPC(sigmas) if args.sample_solver == "unipc" else FlowEuler(sigmas)
+            cache, calls = make_cache(cache_cfg, steps), 0
+            self.dit.to(device)
+            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
+                t = t.to(device).expand(1)  # [1]
+                if cache is None or cache.should_compute(i, latents):
+                    with sw.phase("dit"):  # two DiT calls: the CFG branches, named
+                        v = {"cond": self.dit(latents, t, ctx), "uncond": self.dit(latents, t, ctx_null)}
+                    calls += 2
+                    if cache is not None:
+                        cache.update(latents, v, dit_seconds=sw.last("dit"))
+                else:
+                    v = cache.reuse(latents)  # EasyCache: v̂ = x_t + Δ_i for both branches, no DiT call
+                noise_pred = v["uncond"] + args.sample_guide_scale * (v["cond"] - v["uncond"])
+                latents = solver.step(noise_pred, i, latents)  # [1, 16, T, h, w] fp32
+            if args.offload_model and device.type == "cuda":
+                self.dit.to("cpu")
+                torch.cuda.empty_cache()
+            with sw.phase("vae"):
+                frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
+        stats = cache.stats if cache is not None else None
+        return Generation(
+            frames, latents.cpu(), dict(sw.seconds), calls, stats, cache.trace if cache else None
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:  # every check that can fail runs before a model is loaded
+        task, _, prompts = check_args(args)
+        name = f"wan_{args.task}_{args.cache}_{slug(prompts[0])}_{args.base_seed}"
+        out = RunOutputs(args.save_file, args.report, default_name=name, fps=task.fps, lossless=args.lossless)
+        files = [task.weights, *_WAN_FILES, *(["config.json"] if task.dit is None else [])]
+        patterns = ["config.json", "diffusion_pytorch_model*", *_WAN_FILES[:2], "google/umt5-xxl/*"]
+        ckpt_dir = resolve_checkpoint(
+            args.ckpt_dir, repo_id=task.repo_id, files=files, patterns=patterns, default_dir=task.ckpt_dir
+        )
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    pipe = WanT2V(task, ckpt_dir, args)
+    cfg = cache_config(args)
+    report = {"script": "sample_wan.py", "args": vars(args), "environment": environment(pipe.device)}
+    if args.compare:
+        warmup = lambda: pipe.generate(prompts[0], args.base_seed, None, num_steps=2)  # noqa: E731
+        result = compare_runs(
+            pipe.generate,
+            prompts,
+            args.base_seed,
+            cfg,
+            warmup=warmup,
+            lpips=args.lpips,
+            on_pair=out.save_pair,
+        )
+        print_comparison(result, f"wan {args.task} {args.cache}")
+        report["comparison"] = result
+    else:
+        runs = []
+        for i, prompt in enumerate(prompts):
+            gen = pipe.generate(prompt, args.base_seed, cfg)
+            runs.append(
+                out.save_single(
+                    gen, prompt=prompt, seed=args.base_seed, index=i if len(prompts) > 1 else None
+                )
+            )
+            print(summary_line(f"wan {args.task}", gen, runs[-1]["outputs"]["video"]))
+        report.update(runs[0] if len(runs) == 1 else {"runs": runs})
+    print(f"report: {write_json(out.report, json_safe(report))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""sample_wan.py end to end on a tiny random checkpoint written in the official file layout."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from safetensors.torch import save_file
+from transformers import UMT5EncoderModel
+
+import sample_wan
+from easycache import EasyCacheConfig
+from easycache.video import read_video
+from models.wan import WAN_CONFIGS, WanModel
+from models.wan_t5 import UMT5_TINY, convert_umt5_to_official
+from models.wan_vae import WAN_VAE_FILE, WAN_VAE_TINY, convert_diffusers_wan_vae_to_official
+from train_wan_tiny import build_text_encoder
+
+PROMPT = "a red circle moving right on a blue background"
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    """config.json + diffusion_pytorch_model.safetensors, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/,
+    Wan2.1_VAE.pth: the official file names, with random weights in the tiny task's shapes."""
+    d = tmp_path_factory.mktemp("wan-tiny-random")
+    torch.manual_seed(0)
+    dit = WanModel(WAN_CONFIGS["tiny"])
+    save_file(dit.state_dict(), str(d / "diffusion_pytorch_model.safetensors"))
+    cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 192, "eps": 1e-6, "ffn_dim": 512,
+           "freq_dim": 256, "in_dim": 16, "model_type": "t2v", "num_heads": 3, "num_layers": 6, "out_dim": 16,
+           "text_len": 16, "text_dim": 64}  # fmt: skip
+    (d / "config.json").write_text(json.dumps(cfg))
+    tokenizer, _ = build_text_encoder(seed=0)
+    tokenizer.save_pretrained(str(d / "google" / "umt5-xxl"))
+    t5 = UMT5EncoderModel(UMT5_TINY.to_umt5_config())
+    torch.save(convert_umt5_to_official(t5.state_dict(), UMT5_TINY), d / "models_t5_umt5-xxl-enc-bf16.pth")
+    vae = AutoencoderKLWan(**WAN_VAE_TINY.diffusers_kwargs())
+    torch.save(convert_diffusers_wan_vae_to_official(vae.state_dict()), d / WAN_VAE_FILE)
+    return d
+
+
+def run(ckpt_dir, out, *extra):
+    argv = ["--task", "tiny", "--ckpt_dir", str(ckpt_dir), "--sample_steps", "8", "--warmup", "2",
+            "--base_seed", "3", "--save_file", str(out), "--quiet", "--prompt", PROMPT, *extra]  # fmt: skip
+    sample_wan.main(argv)
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_writes_a_video_and_a_report(ckpt_dir, tmp_path):
+    report = run(ckpt_dir, tmp_path / "v.mp4", "--thresh", "1.0", "--lossless")
+    frames = read_video(str(tmp_path / "v.mp4"))
+    assert frames.shape == (17, 64, 64, 3)
+    assert np.array_equal(read_video(str(tmp_path / "v.mkv")).shape, frames.shape)
+    assert report["args"]["task"] == "tiny" and report["seed"] == 3 and report["prompt"] == PROMPT
+    assert len(report["trace"]) == 8 and report["trace"][0]["reason"] == "warmup"
+    stats = report["cache"]
+    assert stats["num_computed"] + stats["num_skipped"] == 8 and stats["num_skipped"] > 0
+    assert report["dit_calls"] == 2 * stats["num_computed"]  # two CFG branches per computed step
+    assert report["seconds"]["dit"] > 0 and report["seconds"]["end_to_end"] >= report["seconds"]["dit"]
+    assert sum(r["dit_seconds"] or 0 for r in report["trace"]) == pytest.approx(report["seconds"]["dit"])
+    assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mkv", "v.mp4"]
+
+
+def test_thresh_zero_is_bit_identical_to_no_cache(ckpt_dir, tmp_path):
+    args = sample_wan.parse_args(["--task", "tiny", "--sample_steps", "8", "--warmup", "2", "--quiet"])
+    sample_wan.check_args(args)
+    pipe = sample_wan.WanT2V(sample_wan.TASKS["tiny"], str(ckpt_dir), args)
+    base = pipe.generate(PROMPT, 5, None)
+    zero = pipe.generate(PROMPT, 5, EasyCacheConfig(thresh=0.0, warmup=2))
+    skip = pipe.generate(PROMPT, 5, EasyCacheConfig(thresh=10.0, warmup=2))
+    assert torch.equal(base.latents, zero.latents) and np.array_equal(base.frames, zero.frames)
+    assert zero.cache_stats["num_skipped"] == 0 and base.dit_calls == zero.dit_calls == 16
+    assert skip.cache_stats["num_skipped"] > 0 and not torch.equal(base.latents, skip.latents)
+    again = pipe.generate(PROMPT, 5, None)
+    assert torch.equal(base.latents, again.latents)  # no state leaks between generations
+
+
+def test_compare_mode_with_thresh_zero(ckpt_dir, tmp_path):
+    report = run(ckpt_dir, tmp_path / "c.mp4", "--compare", "--thresh", "0", "--no-lpips")
+    row = report["comparison"]["rows"][0]
+    assert (
+        row["psnr_global"] == "inf" and row["psnr_per_frame"] == "inf" and row["ssim"] == pytest.approx(1.0)
+    )
+    assert row["nfe_ratio"] == 1.0 and row["nfe_baseline"] == row["nfe_cached"] == 16
+    assert row["latent_mse"] == 0.0
+    for side in ("baseline", "cached"):
+        assert os.path.isfile(row["outputs"][side]["video"])
+
+
+def test_prompt_list_writes_one_video_per_prompt(ckpt_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# two captions\na green square moving up on a black background\n\n" + PROMPT + "\n")
+    report = run(ckpt_dir, tmp_path / "m.mp4", "--prompts", str(prompts))
+    assert [r["prompt"] for r in report["runs"]] == ["a green square moving up on a black background", PROMPT]
+    assert os.path.isfile(tmp_path / "m_0.mp4") and os.path.isfile(tmp_path / "m_1.mp4")
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--frame_num", "16"], r"4n\+1"),
+        (["--size", "60*64"], "multiples of 16"),
+        (["--size", "64x64"], "width\\*height"),
+        (["--thresh", "-1"], "thresh"),
+        (["--warmup", "8"], "warmup"),
+        (["--prompts", "missing.txt"], "not found"),
+    ],
+)
+def test_bad_input_fails_before_loading(ckpt_dir, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit, match=message):
+        run(ckpt_dir, tmp_path / "bad.mp4", *extra)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_or_corrupt_files(ckpt_dir, tmp_path):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(ckpt_dir, broken)
+    os.remove(broken / WAN_VAE_FILE)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=WAN_VAE_FILE):
+        run(broken, out / "x.mp4")
+    shutil.copy(ckpt_dir / WAN_VAE_FILE, broken / WAN_VAE_FILE)
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        run(broken, out / "x.mp4")
+    assert not out.exists()
+
+
+def test_unknown_task_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        sample_wan.parse_args(["--task", "t2v-7B"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,327 @@
+"""Train the embedded demo model (`sample_wan.py --task tiny`) from a seed, on procedurally generated videos.
+
+Stages (each resumable; run them in order, or `--stage all`):
+  vae      a tiny Wan-VAE (diffusers' AutoencoderKLWan, which the official weights load into), 9-frame clips
+  latents  encode a fixed data set of videos (17 frames, 64×64) and their captions once
+  dit      a tiny WanModel with rectified flow (v = noise − x0, as Wan), CFG dropout, weight EMA
+  export   write checkpoints/wan-tiny/ in the official file layout, read by the loaders of the real weights
+
+The text encoder is a tiny umT5 with random weights (built from the seed, never trained) and a word-level
+tokenizer over the caption grammar: it only has to give each word a distinct, stable embedding.
+
+    python train_wan_tiny.py --stage all --work_dir outputs/wan-tiny-train     # ~3 h on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.toy_videos import FRAMES, SIZE, all_captions, render
+from models.wan import WAN_CONFIGS, WanModel
+from models.wan_t5 import UMT5_TINY, convert_umt5_to_official
+from models.wan_vae import WAN_VAE_FILE, WAN_VAE_TINY, WanVAEConfig, convert_diffusers_wan_vae_to_official
+
+# Tiny Wan-VAE: 8× spatial and 4× temporal downsampling like the real one, 16 latent channels. Its latent
+# mean/std (measured after training) live in models.wan_vae.WAN_VAE_TINY.
+VAE_ARCH = dict(base_dim=16, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+
+
+def log(work_dir: str, name: str, record: dict) -> None:
+    with open(os.path.join(work_dir, f"{name}_log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def video_batch(rng: np.random.Generator, captions: list, batch: int, frames: int) -> torch.Tensor:
+    """Random captions and seeds -> [B, 3, frames, H, W] in [-1, 1], a random window of each 17-frame clip."""
+    out = []
+    for _ in range(batch):
+        cap = captions[rng.integers(len(captions))]
+        video = render(cap, seed=int(rng.integers(2**31)))
+        start = int(rng.integers(FRAMES - frames + 1))
+        out.append(torch.from_numpy(video[start : start + frames]))
+    v = torch.stack(out).float().div(127.5).sub(1.0)  # [B, F, H, W, 3]
+    return v.permute(0, 4, 1, 2, 3).contiguous()  # [B, 3, F, H, W]
+
+
+def save_state(path: str, **state) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# ----------------------------------------------------------------------------------------------------------
+def train_vae(args) -> None:
+    from diffusers import AutoencoderKLWan
+
+    path = os.path.join(args.work_dir, "vae_state.pt")
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKLWan(
+        **WanVAEConfig(**VAE_ARCH, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16).diffusers_kwargs()
+    )
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    rng, step = np.random.default_rng(args.seed), 0
+    if os.path.exists(path):
+        state = torch.load(path, weights_only=False)  # our own resume file
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state, step = state["rng"], state["step"]
+        torch.set_rng_state(state["torch_rng"])
+    captions = all_captions()
+    bar = tqdm(range(step, args.vae_steps), initial=step, total=args.vae_steps, desc="vae")
+    for step in bar:
+        lr = args.vae_lr * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))  # cosine decay
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = video_batch(rng, captions, args.vae_batch, frames=9)
+        if (
+            step < 0.8 * args.vae_steps
+        ):  # crops first (4× cheaper; the VAE is convolutional), full frames last
+            top, left = (int(v) for v in rng.integers(SIZE - args.vae_crop + 1, size=2))
+            x = x[..., top : top + args.vae_crop, left : left + args.vae_crop]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = torch.nn.functional.mse_loss(recon, x)
+        kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()  # per latent element
+        loss = mse + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))  # range [-1, 1] -> peak-to-peak 2
+        bar.set_postfix(psnr=f"{psnr:.1f}", kl=f"{kl.item():.3g}")
+        log(args.work_dir, "vae", {"step": step, "mse": mse.item(), "kl": kl.item(), "psnr": psnr, "lr": lr})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.vae_steps:
+            save_state(
+                path,
+                model=vae.state_dict(),
+                opt=opt.state_dict(),
+                rng=rng.bit_generator.state,
+                step=step + 1,
+                torch_rng=torch.get_rng_state(),
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Text encoder: a word-level tokenizer over the grammar and a tiny umT5 with seeded random weights
+# ------------------------------------------------------------------------------------------------------------
+def build_text_encoder(seed: int):
+    """(tokenizer, UMT5EncoderModel): umT5's special ids (pad 0, eos 1, unk 2), one token per word."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
+
+    words = sorted({w for cap in all_captions() for w in str(cap).split()})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=16
+    )
+    if len(tokenizer) > UMT5_TINY.vocab_size:
+        raise ValueError(f"the grammar needs {len(tokenizer)} tokens, UMT5_TINY has {UMT5_TINY.vocab_size}")
+    torch.manual_seed(seed + 1)
+    model = UMT5EncoderModel(UMT5_TINY.to_umt5_config()).eval().requires_grad_(False)
+    return tokenizer, model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stage 2: a fixed latent data set
+# ------------------------------------------------------------------------------------------------------------
+def load_vae(args, stats: dict | None = None):
+    from diffusers import AutoencoderKLWan
+
+    mean, std = (tuple(stats["mean"]), tuple(stats["std"])) if stats else ((0.0,) * 16, (1.0,) * 16)
+    cfg = WanVAEConfig(**VAE_ARCH, latents_mean=mean, latents_std=std)
+    vae = AutoencoderKLWan(**cfg.diffusers_kwargs())
+    vae.load_state_dict(torch.load(os.path.join(args.work_dir, "vae_state.pt"), weights_only=False)["model"])
+    return vae.eval().requires_grad_(False), cfg
+
+
+@torch.no_grad()
+def encode_videos(vae, captions: list, seeds: list[int], batch: int = 16) -> torch.Tensor:
+    """Posterior means [N, 16, 5, 8, 8] of the rendered videos (the official VAE never samples)."""
+    out = []
+    for i in tqdm(range(0, len(seeds), batch), desc="encode", leave=False):
+        videos = [
+            torch.from_numpy(render(c, s)) for c, s in zip(captions[i : i + batch], seeds[i : i + batch])
+        ]
+        x = torch.stack(videos).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)  # [b, 3, 17, 64, 64]
+        out.append(vae.encode(x).latent_dist.mode())
+    return torch.cat(out)
+
+
+def make_latents(args) -> None:
+    path = os.path.join(args.work_dir, "latents.pt")
+    if os.path.exists(path):
+        return
+    vae, _ = load_vae(args)
+    caps = all_captions()
+    rng = np.random.default_rng(args.seed + 2)
+    # Latent statistics for the normalisation the official VAE wrapper applies (z - mean) / std per channel.
+    probe = encode_videos(vae, [caps[i] for i in rng.integers(len(caps), size=512)], list(range(512)))
+    stats = {"mean": probe.mean(dim=(0, 2, 3, 4)).tolist(), "std": probe.std(dim=(0, 2, 3, 4)).tolist()}
+    mean, std = (torch.tensor(stats[k]).view(1, -1, 1, 1, 1) for k in ("mean", "std"))
+    index = [(c, k) for c in range(len(caps)) for k in range(args.videos_per_caption)]
+    seeds = [1_000_000 + 1000 * c + k for c, k in index]  # disjoint from the seeds the tests render
+    z = encode_videos(vae, [caps[c] for c, _ in index], seeds)
+    tokenizer, t5 = build_text_encoder(args.seed)
+    texts = [str(c) for c in caps] + [""]  # the last row: the empty negative prompt (CFG's null branch)
+    tokens = tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt")
+    hidden = t5(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    context = hidden * tokens.attention_mask[..., None]  # zero rows past each length, as pad_context
+    save_state(
+        path,
+        latents=((z - mean) / std).half(),
+        caption=torch.tensor([c for c, _ in index]),
+        context=context,
+        stats=stats,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stage 3: the DiT
+# ------------------------------------------------------------------------------------------------------------
+def init_wan(model: WanModel) -> None:
+    """The official WanModel.init_weights: Xavier linears, N(0, 0.02) embeddings, a zero output layer."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    torch.nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
+    for m in [*model.text_embedding.modules(), *model.time_embedding.modules()]:
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.02)
+    torch.nn.init.zeros_(model.head.head.weight)
+
+
+def train_dit(args) -> None:
+    data = torch.load(os.path.join(args.work_dir, "latents.pt"), weights_only=False)
+    z, caption, context = data["latents"].float(), data["caption"], data["context"]
+    null = len(context) - 1
+    path = os.path.join(args.work_dir, "dit_state.pt")
+    torch.manual_seed(args.seed + 3)
+    model = WanModel(WAN_CONFIGS["tiny"])
+    init_wan(model)
+    ema = WanModel(WAN_CONFIGS["tiny"]).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen, step = torch.Generator().manual_seed(args.seed + 4), 0
+    if os.path.exists(path):
+        state = torch.load(path, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step = state["step"]
+    bar = tqdm(range(step, args.dit_steps), initial=step, total=args.dit_steps, desc="dit")
+    for step in bar:
+        warm = min(1.0, (step + 1) / 500)
+        lr = args.dit_lr * warm * 0.5 * (1 + math.cos(math.pi * step / args.dit_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(z), (args.dit_batch,), generator=gen)
+        x0 = z[idx]  # [B, 16, 5, 8, 8]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(len(idx), generator=gen))  # logit-normal σ (SD3), in (0, 1)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise  # the straight path Wan samples along
+        drop = torch.rand(len(idx), generator=gen) < args.cfg_dropout  # learn the unconditional branch too
+        ctx = context[torch.where(drop, null, caption[idx])]  # [B, 16, 64]
+        pred = model(x_t, sigma * 1000, ctx)
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)  # v = noise − x0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))  # EMA with a short ramp
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log(args.work_dir, "dit", {"step": step, "loss": loss.item(), "lr": lr})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.dit_steps:
+            save_state(
+                path,
+                model=model.state_dict(),
+                ema=ema.state_dict(),
+                opt=opt.state_dict(),
+                gen=gen.get_state(),
+                step=step + 1,
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stage 4: export in the official layout
+# ------------------------------------------------------------------------------------------------------------
+def export(args) -> None:
+    from safetensors.torch import save_file
+
+    out = args.out_dir
+    os.makedirs(os.path.join(out, "google", "umt5-xxl"), exist_ok=True)
+    dit = torch.load(os.path.join(args.work_dir, "dit_state.pt"), weights_only=False)["ema"]
+    save_file(
+        {k: v.contiguous() for k, v in dit.items()}, os.path.join(out, "diffusion_pytorch_model.safetensors")
+    )
+    cfg = dataclasses.asdict(WAN_CONFIGS["tiny"])
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"_class_name": "WanModel", **cfg}, f, indent=2)
+    stats = torch.load(os.path.join(args.work_dir, "latents.pt"), weights_only=False)["stats"]
+    vae, vae_cfg = load_vae(args, stats)
+    if vae_cfg != WAN_VAE_TINY:
+        raise ValueError(f"models.wan_vae.WAN_VAE_TINY must hold the measured statistics:\n{vae_cfg}")
+    torch.save(convert_diffusers_wan_vae_to_official(vae.state_dict()), os.path.join(out, WAN_VAE_FILE))
+    tokenizer, t5 = build_text_encoder(args.seed)
+    tokenizer.save_pretrained(os.path.join(out, "google", "umt5-xxl"))
+    t5_state = convert_umt5_to_official(t5.state_dict(), UMT5_TINY)
+    torch.save(
+        t5_state, os.path.join(out, "models_t5_umt5-xxl-enc-bf16.pth")
+    )  # the official name (fp32 inside)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["vae", "latents", "dit", "export", "all"], default="all")
+    p.add_argument("--work_dir", default="outputs/wan-tiny-train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save_every", type=int, default=100)
+    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--vae_batch", type=int, default=8)
+    p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--vae_crop", type=int, default=32, help="crop size for the first 80%% of the VAE steps")
+    p.add_argument("--vae_kl", type=float, default=1e-5, help="weight of the per-element KL term")
+    p.add_argument("--videos_per_caption", type=int, default=64)
+    p.add_argument("--dit_steps", type=int, default=8000)
+    p.add_argument("--dit_batch", type=int, default=64)
+    p.add_argument("--dit_lr", type=float, default=5e-4)
+    p.add_argument("--cfg_dropout", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--out_dir", default="checkpoints/wan-tiny")
+    args = p.parse_args()
+    os.makedirs(args.work_dir, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.time()
+    if args.stage in ("vae", "all"):
+        train_vae(args)
+    if args.stage in ("latents", "all"):
+        make_latents(args)
+    if args.stage in ("dit", "all"):
+        train_dit(args)
+    if args.stage in ("export", "all"):
+        export(args)
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
