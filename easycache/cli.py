@@ -9,7 +9,7 @@ from .base import StepCache
 from .baselines import StaticCache, StaticCacheConfig
 from .cache import K_UPDATES, EasyCache, EasyCacheConfig
 
-METHODS = ("easycache", "static", "none")
+METHODS = ("easycache", "static", "none", "analyze")
 
 
 def add_cache_args(parser: argparse.ArgumentParser, *, thresh: float = 0.05, warmup: int = 10) -> None:
@@ -19,7 +19,8 @@ def add_cache_args(parser: argparse.ArgumentParser, *, thresh: float = 0.05, war
         "--cache",
         choices=METHODS,
         default="easycache",
-        help="step cache: the paper's runtime-adaptive EasyCache, a static interval, or none (baseline)",
+        help="step cache: the paper's runtime-adaptive EasyCache, a static interval, none (the baseline), or "
+        "analyze (the baseline, recording the transformation rate k_t at every step)",
     )
     g.add_argument("--thresh", type=float, default=thresh, help="EasyCache τ (default %(default)s)")
     g.add_argument(
@@ -67,6 +68,8 @@ def cache_config(args: argparse.Namespace) -> EasyCacheConfig | StaticCacheConfi
     """Validate the cache flags early (before any model is loaded); None for `--cache none`."""
     if args.cache == "none":
         return None
+    if args.cache == "analyze":  # τ = 0, R = 0 computes every step (bit-identical to none) and records k_t
+        return EasyCacheConfig(thresh=0.0, warmup=0)
     if args.cache == "static":
         return StaticCacheConfig(interval=args.interval, warmup=args.warmup, compute_last=args.compute_last)
     return EasyCacheConfig(

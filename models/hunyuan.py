@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.attention import attention
-from models.loading import load_file_state_dict, load_strict
+from models.loading import download_command, load_file_state_dict, load_strict
 
 HUB_REPO = "tencent/HunyuanVideo"
 CKPT_FILE = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"
@@ -554,7 +554,7 @@ def load_hunyuan(
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"HunyuanVideo DiT checkpoint not found: {path} (expected the file {CKPT_FILE} of the Hub repo "
-            f"{HUB_REPO}; fetch it with: huggingface-cli download {HUB_REPO} {CKPT_FILE} --local-dir <dir>)"
+            f"{HUB_REPO}; fetch it with: {download_command(HUB_REPO, '<dir>', files=[CKPT_FILE])})"
         )
     state_dict = _official_state_dict(load_file_state_dict(path), path)
     with torch.device("meta"):

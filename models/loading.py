@@ -12,14 +12,27 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 
-def require_files(ckpt_dir: str, files: Iterable[str], *, repo_id: str) -> None:
+def download_command(
+    repo_id: str, local_dir: str, *, files: Iterable[str] = (), include: Iterable[str] = ()
+) -> str:
+    """The `hf download` command (huggingface_hub's CLI) that fetches exact `files` or glob patterns."""
+    parts = [
+        "hf download",
+        repo_id,
+        *files,
+        *(f"--include '{p}'" for p in include),
+        f"--local-dir {local_dir}",
+    ]
+    return " ".join(parts)
+
+
+def require_files(ckpt_dir: str, files: Iterable[str], *, repo_id: str | None) -> None:
     """Fail early, before anything heavy, if any of `files` is missing in `ckpt_dir`; say how to get them."""
     missing = [f for f in files if not os.path.isfile(os.path.join(ckpt_dir, f))]
     if missing:
-        raise FileNotFoundError(
-            f"{ckpt_dir} lacks {', '.join(missing)} (from the Hub repo {repo_id}); fetch them with: "
-            f"huggingface-cli download {repo_id} --local-dir {ckpt_dir}"
-        )
+        how = (f"fetch them with: {download_command(repo_id, ckpt_dir, files=missing)}" if repo_id
+               else "they ship with this repository: check out or restore them")  # fmt: skip
+        raise FileNotFoundError(f"{ckpt_dir} lacks {', '.join(missing)}; {how}")
 
 
 def load_file_state_dict(path: str) -> dict[str, Tensor]:
@@ -92,7 +105,13 @@ def load_strict(model: nn.Module, state_dict: dict[str, Tensor], *, source: str 
 
 
 def resolve_checkpoint(
-    ckpt_dir: str | None, *, repo_id: str | None, files: list[str], patterns: list[str], default_dir: str
+    ckpt_dir: str | None,
+    *,
+    repo_id: str | None,
+    files: list[str],
+    patterns: list[str],
+    default_dir: str,
+    flag: str = "--ckpt_dir",
 ) -> str:
     """The local folder holding `files`.
 
@@ -102,14 +121,14 @@ def resolve_checkpoint(
     """
     if ckpt_dir is not None:
         if not os.path.isdir(ckpt_dir):
-            raise FileNotFoundError(f"--ckpt_dir {ckpt_dir} is not a directory")
-        require_files(ckpt_dir, files, repo_id=repo_id or "(no Hub repo)")
+            raise FileNotFoundError(f"{flag} {ckpt_dir} is not a directory")
+        require_files(ckpt_dir, files, repo_id=repo_id)
         return ckpt_dir
     if all(os.path.isfile(os.path.join(default_dir, f)) for f in files):
         return default_dir
     if repo_id is None:
-        require_files(default_dir, files, repo_id="(no Hub repo: the files ship with this repository)")
-    command = f"huggingface-cli download {repo_id} {' '.join(patterns)} --local-dir {default_dir}"
+        require_files(default_dir, files, repo_id=None)
+    command = download_command(repo_id, default_dir, include=patterns)
     try:
         from huggingface_hub import snapshot_download
 
@@ -118,7 +137,7 @@ def resolve_checkpoint(
         raise FileNotFoundError(
             f"{default_dir} lacks files of {repo_id} ({', '.join(files)}) and downloading them failed "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Fetch them where the Hub is "
-            f"reachable with:\n  {command}\nor pass --ckpt_dir to a folder that holds them."
+            f"reachable with:\n  {command}\nor pass {flag} to a folder that holds them."
         ) from e
     require_files(default_dir, files, repo_id=repo_id)
     return default_dir

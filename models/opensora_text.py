@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, T5EncoderModel
 
+from models.loading import download_command
+
 T5_REPO_ID = "DeepFloyd/t5-v1_1-xxl"
 DEFAULT_AES = 6.5  # configs/opensora-v1-2/inference/sample.py
 
@@ -266,7 +268,7 @@ class OpenSoraTextEncoder:
 
 def _check_t5_dir(t5_dir: str) -> None:
     """Clear errors before transformers tries (and, offline, fails) to reach the hub."""
-    fetch = f"huggingface-cli download {T5_REPO_ID} --local-dir {t5_dir}"
+    fetch = download_command(T5_REPO_ID, t5_dir)
     if not os.path.isdir(t5_dir):
         raise FileNotFoundError(f"T5 directory {t5_dir} does not exist; fetch it with: {fetch}")
     files = set(os.listdir(t5_dir))

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.attention import attention
-from models.loading import load_sharded_safetensors, load_strict, require_files
+from models.loading import download_command, load_sharded_safetensors, load_strict, require_files
 
 # Width of the open-clip ViT-H/14 features that img_emb projects (fixed in the official MLPProj).
 CLIP_DIM = 1280
@@ -481,8 +481,8 @@ def _require(ckpt_dir: str, files: list[str], repo_id: str | None) -> None:
     missing = [f for f in files if not os.path.isfile(os.path.join(ckpt_dir, f))]
     if missing:
         raise FileNotFoundError(
-            f"{ckpt_dir} lacks {', '.join(missing)}; download a Wan2.1 DiT repo there, e.g. huggingface-cli "
-            f"download Wan-AI/Wan2.1-T2V-1.3B --local-dir {ckpt_dir} (repos: {', '.join(WAN_REPOS.values())})"
+            f"{ckpt_dir} lacks {', '.join(missing)}; download a Wan2.1 DiT repo there, e.g. "
+            f"{download_command(WAN_REPOS['t2v-1.3B'], ckpt_dir)} (repos: {', '.join(WAN_REPOS.values())})"
         )
 
 

@@ -233,7 +233,7 @@ def test_loader_is_strict(models, tmp_path, edit, error, message):
 
 
 def test_loader_rejects_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download tencent/HunyuanVideo"):
+    with pytest.raises(FileNotFoundError, match="hf download tencent/HunyuanVideo"):
         load_hunyuan(str(tmp_path / "mp_rank_00_model_states.pt"), config=TINY)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_hunyuan(str(tmp_path), config=TINY)  # a directory, not the file

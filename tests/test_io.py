@@ -73,7 +73,7 @@ def test_resolve_checkpoint_offline(tmp_path):
     assert resolve_checkpoint(
         str(tmp_path / "have"), repo_id="org/repo", files=["a.bin"], patterns=["a.bin"], default_dir="unused"
     ) == str(tmp_path / "have")
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download org/repo"):
+    with pytest.raises(FileNotFoundError, match="hf download org/repo"):
         resolve_checkpoint(
             str(tmp_path / "have"),
             repo_id="org/repo",
@@ -82,9 +82,7 @@ def test_resolve_checkpoint_offline(tmp_path):
             default_dir="unused",
         )
     target = tmp_path / "dl"
-    with pytest.raises(
-        FileNotFoundError, match=r"(?s)downloading them failed.*huggingface-cli download org/repo"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"(?s)downloading them failed.*hf download org/repo"):
         resolve_checkpoint(
             None, repo_id="org/repo", files=["b.bin"], patterns=["b.bin"], default_dir=str(target)
         )

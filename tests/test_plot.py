@@ -1,0 +1,58 @@
+"""Trace plots from a report, and the analysis mode that records k_t at every step."""
+
+import json
+
+import pytest
+import torch
+
+from easycache import make_cache
+from easycache.cli import cache_config
+from easycache.plot import main as plot_main
+from easycache.plot import traces_of
+from tests.test_baselines import parse
+
+
+def run_cache(cfg, n=12):
+    cache = make_cache(cfg, n)
+    x = torch.ones(2, 3)
+    for step in range(n):
+        x = x * 0.95
+        if cache.should_compute(step, x):
+            cache.update(x, {"cond": x * x, "uncond": 2 * x})
+        else:
+            cache.reuse(x)
+    return cache
+
+
+def test_analyze_mode_computes_every_step_and_records_the_rate():
+    cfg = cache_config(parse("--cache", "analyze"))
+    cache = run_cache(cfg)
+    trace = cache.trace
+    assert all(r["compute"] for r in trace)
+    assert trace[0]["rate"] is None and all(r["rate"] is not None for r in trace[1:])
+    # v = x² along x_t = 0.95^(t+1): the one-step rate is x_t + x_{t-1}
+    assert trace[5]["rate"] == pytest.approx(0.95**6 + 0.95**5, rel=1e-5)
+
+
+def test_plot_writes_a_png_for_each_report_layout(tmp_path):
+    cache = run_cache(cache_config(parse("--thresh", "0.2", "--warmup", "3")))
+    single = {"prompt": "p", "trace": cache.trace, "cache": cache.stats}
+    listed = {"runs": [single, {**single, "prompt": "q"}]}
+    compared = {"comparison": {"rows": [{"prompt": "p", "trace": cache.trace, "cache_stats": cache.stats}]}}
+    for name, report in (("single", single), ("runs", listed), ("compare", compared)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(report))
+        plot_main([str(path)] + (["--run", "1"] if name == "runs" else []))
+        png = (tmp_path / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert [label for label, _, _ in traces_of(listed)] == ["p", "q"]
+
+
+def test_plot_refuses_a_report_without_trace(tmp_path):
+    path = tmp_path / "none.json"
+    path.write_text(json.dumps({"prompt": "p", "trace": None}))
+    with pytest.raises(ValueError, match="no per-step trace"):
+        plot_main([str(path)])
+    with pytest.raises(SystemExit):
+        path.write_text(json.dumps({"trace": run_cache(cache_config(parse())).trace}))
+        plot_main([str(path), "--run", "3"])
