@@ -131,12 +131,14 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[
 def checkpoint_dir(args: argparse.Namespace, flag: str) -> str:
     """One Hub repo's local folder: the flag's (must be complete) or the default (downloaded if needed)."""
     repo, default, files, patterns = CHECKPOINTS[flag]
-    try:
-        return resolve_checkpoint(
-            getattr(args, flag), repo_id=repo, files=files, patterns=patterns, default_dir=default
-        )
-    except FileNotFoundError as e:  # the shared message names Wan's --ckpt_dir; name this script's flag
-        raise FileNotFoundError(str(e).replace("--ckpt_dir", "--" + flag.replace("_", "-"))) from None
+    return resolve_checkpoint(
+        getattr(args, flag),
+        repo_id=repo,
+        files=files,
+        patterns=patterns,
+        default_dir=default,
+        flag="--" + flag.replace("_", "-"),
+    )
 
 
 class OpenSoraT2V:

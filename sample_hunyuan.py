@@ -1,0 +1,262 @@
+"""HunyuanVideo text-to-video with EasyCache: LLM + CLIP -> DiT sampling loop (cache visible) -> VAE -> video.
+
+    python sample_hunyuan.py --video-size 544 960 --flow-reverse --seed 42 --prompt "A cat walks on grass."
+    python sample_hunyuan.py --video-size 720 1280 --flow-reverse --use-cpu-offload --save-path ./results
+    python sample_hunyuan.py --cache none ...                             # the uncached baseline, same loop
+    python sample_hunyuan.py --compare --prompts prompts.txt              # baseline vs cache: one table row
+
+Flags keep the names of the official sample_video.py (hyvideo/config.py); the cache flags come from
+easycache.cli. Without --model-base only the needed files are downloaded into checkpoints/HunyuanVideo: the
+DiT from tencent/HunyuanVideo, the text encoders and the VAE from hunyuanvideo-community/HunyuanVideo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+from easycache.cli import add_cache_args, add_output_args, cache_config, make_cache, read_prompts
+from easycache.compare import Generation, compare_runs, print_comparison
+from easycache.metrics import json_safe
+from easycache.report import RunOutputs, Stopwatch, environment, slug, summary_line, write_json
+from easycache.video import to_uint8_frames
+from models.hunyuan import CKPT_FILE, HUNYUAN_CONFIGS, HunyuanVideoConfig, guidance_input, load_hunyuan
+from models.hunyuan import HUB_REPO as DIT_REPO
+from models.hunyuan_text import HUB_REPO as PARTS_REPO
+from models.hunyuan_text import HunyuanTextEncoders
+from models.hunyuan_vae import HunyuanVAE, latent_shape
+from models.loading import resolve_checkpoint
+from models.solvers import FlowEuler, hunyuan_sigmas
+
+# The official NEGATIVE_PROMPT (hyvideo/constants.py); only used with --cfg-scale > 1, as there.
+NEGATIVE_PROMPT = (
+    "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, "
+    "bad teeth, bad eyes, bad limbs, distortion"
+)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What this script needs of PARTS_REPO (transformers itself checks the LLM's shards against its index).
+_PARTS_FILES = ["text_encoder/config.json", "tokenizer/tokenizer_config.json", "text_encoder_2/config.json",
+                "tokenizer_2/tokenizer_config.json", "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Task:
+    """The defaults of the official sample_video.py for the released HYVideo-T/2-cfgdistill."""
+
+    ckpt_dir: str  # both Hub repos download here (their paths do not collide): one --model-base
+    dit: HunyuanVideoConfig
+    sizes: tuple[tuple[int, int], ...]  # official (H, W); others (multiples of 16) are allowed with a note
+    video_length: int = 129
+    infer_steps: int = 50
+    flow_shift: float = 7.0
+    embedded_cfg_scale: float = 6.0  # the distilled model's guidance *input*: one DiT call per step
+    cfg_scale: float = 1.0  # true CFG (a second, negative-prompt DiT call per step) only when > 1
+    fps: int = 24
+    prompt: str = "A cat walks on the grass, realistic style."  # official example; EasyCache's README too
+
+
+_720P = ((720, 1280), (1280, 720), (1104, 832), (832, 1104), (960, 960))
+_540P = ((544, 960), (960, 544), (624, 832), (832, 624), (720, 720))  # the authors ran EasyCache at 544 960
+TASKS = {"t2v-720p": Task("checkpoints/HunyuanVideo", HUNYUAN_CONFIGS["t2v-720p"], sizes=_720P + _540P)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, default="t2v-720p", help="the 720p weights serve 540p too")
+    p.add_argument("--video-size", type=int, nargs="+", help="H W, or one value for a square (720 1280)")
+    p.add_argument("--video-length", type=int, help="frames, 4n+1 (default 129)")
+    p.add_argument("--infer-steps", type=int, help="sampling steps (default 50)")
+    p.add_argument("--flow-shift", type=float, help="flow shift (default 7.0)")
+    p.add_argument("--flow-reverse", action="store_true", help="accepted; sampling always runs σ 1 -> 0")
+    p.add_argument("--embedded-cfg-scale", type=float, help="distilled guidance input (default 6.0)")
+    p.add_argument("--cfg-scale", type=float, help="true CFG; > 1 adds an uncond DiT call (default 1.0)")
+    p.add_argument("--prompt", help="the prompt (default: the official example)")
+    p.add_argument("--neg-prompt", help="negative prompt of --cfg-scale > 1 (default: the official one)")
+    p.add_argument("--seed", type=int, help="seed (default: drawn in 0..1e6 as the official; recorded)")
+    p.add_argument("--model-base", help="local folder holding all files (default: checkpoints/HunyuanVideo)")
+    p.add_argument("--dit-weight", help=f"the DiT file (default: <model-base>/{CKPT_FILE})")
+    p.add_argument("--dit-config", help="JSON of HunyuanVideoConfig fields: a non-release DiT (tests)")
+    p.add_argument("--save-path", default="outputs", help="output folder (official), or a .mp4 path")
+    p.add_argument("--use-cpu-offload", action="store_true", help="text encoders, DiT on the CPU when idle")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=DTYPES, help="DiT dtype (official bf16; CPU default fp32)")
+    p.add_argument("--vae-precision", choices=DTYPES, help="VAE dtype (official fp16; CPU default fp32)")
+    p.add_argument("--text-encoder-precision", choices=DTYPES, help="LLM, CLIP (official fp16; CPU fp32)")
+    add_cache_args(p, thresh=0.025, warmup=5)  # the authors' HunyuanVideo setting
+    add_output_args(p)
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list[str]]:
+    """Fill task defaults and refuse bad input before anything heavy is loaded."""
+    task = TASKS[args.task]
+    for name in ("video_length", "infer_steps", "flow_shift", "embedded_cfg_scale", "cfg_scale", "prompt"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(task, name))
+    args.neg_prompt = NEGATIVE_PROMPT if args.neg_prompt is None else args.neg_prompt
+    size = args.video_size or task.sizes[0]
+    if len(size) > 2:
+        raise ValueError(f"--video-size takes H W (or one value for a square), got {size}")
+    args.video_size = height, width = size[0], size[-1]
+    if args.video_length < 1 or (args.video_length - 1) % 4:
+        raise ValueError(f"--video-length must be 4n+1 (the VAE packs 4 frames in 1): {args.video_length}")
+    if min(height, width) <= 0 or height % 16 or width % 16:  # the official rounds up to 16 silently
+        raise ValueError(f"--video-size {height} {width}: need positive multiples of 16 (VAE 8 x patch 2)")
+    if (height, width) not in task.sizes:
+        print(f"note: {height}x{width} is not an official (H, W): {', '.join(map(str, task.sizes))}")
+    if args.infer_steps < 1 or args.cfg_scale < 1:
+        raise ValueError("need --infer-steps >= 1 and --cfg-scale >= 1 (1: no true CFG, as released)")
+    hunyuan_sigmas(args.infer_steps, args.flow_shift)  # validates the shift
+    make_cache(cache_config(args), args.infer_steps)  # validates τ, R < steps, ...
+    if args.dit_weight is not None and not os.path.isfile(args.dit_weight):
+        raise FileNotFoundError(f"--dit-weight {args.dit_weight} is not a file (the official {CKPT_FILE})")
+    if args.model_base is not None and not os.path.isdir(args.model_base):
+        raise FileNotFoundError(f"--model-base {args.model_base} is not a directory")
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    if args.seed is None:
+        args.seed = random.randint(0, 1_000_000)
+    return task, read_dit_config(args.dit_config) if args.dit_config else task.dit, prompts
+
+
+def read_dit_config(path: str) -> HunyuanVideoConfig:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--dit-config file not found: {path}")
+    with open(path) as f:
+        values = json.load(f)
+    unknown = sorted(set(values) - {f.name for f in fields(HunyuanVideoConfig)})
+    if unknown:
+        raise ValueError(f"--dit-config {path}: {unknown} are not HunyuanVideoConfig fields")
+    return HunyuanVideoConfig(**values)
+
+
+def check_parts(model_base: str, dit: HunyuanVideoConfig) -> None:
+    """The parts must fit the DiT: read their config.json files before any weight is loaded."""
+    pairs = [("vae", "latent_channels", "in_channels"), ("text_encoder", "hidden_size", "text_states_dim"),
+             ("text_encoder_2", "hidden_size", "text_states_dim_2")]  # fmt: skip
+    for folder, key, field in pairs:
+        with open(os.path.join(model_base, folder, "config.json")) as f:
+            got, want = json.load(f).get(key), getattr(dit, field)
+        if got != want:
+            raise ValueError(f"{folder}/config.json: {key}={got} does not fit the DiT's {field}={want}")
+
+
+def resolve_files(args: argparse.Namespace, task: Task) -> tuple[str, str]:
+    """(DiT file, folder of the text encoders and VAE); only missing files are downloaded."""
+    dit_weight, base = args.dit_weight, args.model_base
+    if dit_weight is None:
+        kw = dict(files=[CKPT_FILE], patterns=[CKPT_FILE], default_dir=task.ckpt_dir, flag="--model-base")
+        dit_weight = os.path.join(resolve_checkpoint(base, repo_id=DIT_REPO, **kw), CKPT_FILE)
+    patterns = sorted({f"{f.split('/')[0]}/*" for f in _PARTS_FILES})  # only these folders are fetched
+    kw = dict(files=_PARTS_FILES, patterns=patterns, default_dir=task.ckpt_dir, flag="--model-base")
+    return dit_weight, resolve_checkpoint(base, repo_id=PARTS_REPO, **kw)
+
+
+class HunyuanT2V:
+    """The loaded components and how to run them once."""
+
+    def __init__(self, dit_weight: str, model_base: str, dit_config: HunyuanVideoConfig, args):
+        self.args, self.device = args, torch.device(args.device)
+        cuda = self.device.type == "cuda"  # official dtypes on GPUs; fp16 matmuls crawl on CPUs
+        self.dtype = DTYPES[args.precision or ("bf16" if cuda else "fp32")]
+        self.text_dtype = DTYPES[args.text_encoder_precision or ("fp16" if cuda else "fp32")]
+        offload = args.use_cpu_offload  # each waits on the CPU and visits the device only to run
+        self.text_encoders = HunyuanTextEncoders.from_pretrained(
+            model_base, device=self.device, dtype=self.text_dtype, offload=offload
+        )
+        home = "cpu" if offload else self.device
+        self.dit = load_hunyuan(dit_weight, config=dit_config, device=home, dtype=self.dtype)
+        vae_dtype = DTYPES[args.vae_precision or ("fp16" if cuda else "fp32")]
+        self.vae = HunyuanVAE.from_pretrained(f"{model_base}/vae", device=self.device, dtype=vae_dtype)
+
+    def encode(self, prompt: str) -> dict[str, tuple]:
+        """Named branches -> (text_states [1, L, Dt], text_mask [1, L], text_states_2 [1, Dp]): "cond", and
+        "uncond" (the negative prompt) with true CFG only. One prompt at a time, as the official encodes."""
+        prompts = {"cond": prompt, "uncond": self.args.neg_prompt}
+        names = ["cond", "uncond"] if self.args.cfg_scale > 1 else ["cond"]
+        return {k: self.text_encoders([prompts[k].strip()]) for k in names}
+
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
+        args, device, cfg = self.args, self.device, self.dit.config
+        sw = Stopwatch(device)
+        with sw.phase("end_to_end"):
+            with sw.phase("text"):
+                text = self.encode(prompt)
+            shape = (1, cfg.in_channels, *latent_shape(args.video_length, *args.video_size))  # B C T h w
+            g = torch.Generator(device).manual_seed(seed)
+            # As the official: noise drawn in the text dtype (fp16); the solver keeps the latents in fp32.
+            latents = torch.randn(shape, generator=g, device=device, dtype=self.text_dtype).float()
+            # The distilled DiT's guidance input [1]: g·1000, rounded in the DiT dtype as the official does.
+            g_in = (
+                guidance_input(args.embedded_cfg_scale, 1, device, self.dtype) if cfg.guidance_embed else None
+            )
+            steps = num_steps or args.infer_steps
+            solver = FlowEuler(hunyuan_sigmas(steps, args.flow_shift))
+            cache, calls = make_cache(cache_cfg, steps), 0
+            self.dit.to(device)
+            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
+                t = t.to(device).expand(1)  # [1] float σ·1000
+                if cache is None or cache.should_compute(i, latents):
+                    with sw.phase("dit"):  # one DiT call per branch (the official batches CFG's two)
+                        v = {k: self.dit(latents, t, *text[k], g_in) for k in text}
+                    calls += len(v)
+                    if cache is not None:
+                        cache.update(latents, v, dit_seconds=sw.last("dit"))
+                else:
+                    v = cache.reuse(latents)  # EasyCache: v̂ = x_t + Δ_i for every branch, no DiT call
+                noise_pred = v["cond"]
+                if "uncond" in v:  # true CFG
+                    noise_pred = v["uncond"] + args.cfg_scale * (v["cond"] - v["uncond"])
+                latents = solver.step(noise_pred, i, latents)  # [1, C, T, h, w] fp32
+            if args.use_cpu_offload:  # free the device memory the VAE decode needs
+                self.dit.to("cpu")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            with sw.phase("vae"):  # official tiling: 256-pixel, 64-frame tiles
+                frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
+        stats, trace = (cache.stats, cache.trace) if cache is not None else (None, None)
+        return Generation(frames, latents.cpu(), dict(sw.seconds), calls, stats, trace)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:  # every check that can fail runs before a model is loaded
+        task, dit_config, prompts = check_args(args)
+        name = f"hunyuan_{args.task}_{args.cache}_{slug(prompts[0])}_{args.seed}"
+        file = args.save_path if args.save_path.endswith(".mp4") else f"{args.save_path}/{name}.mp4"
+        out = RunOutputs(file, args.report, default_name=name, fps=task.fps, lossless=args.lossless)
+        dit_weight, model_base = resolve_files(args, task)
+        check_parts(model_base, dit_config)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    pipe = HunyuanT2V(dit_weight, model_base, dit_config, args)
+    cfg = cache_config(args)
+    report = {"script": "sample_hunyuan.py", "args": vars(args), "environment": environment(pipe.device)}
+    if args.compare:
+        warmup = lambda: pipe.generate(prompts[0], args.seed, None, num_steps=2)  # noqa: E731
+        result = compare_runs(
+            pipe.generate, prompts, args.seed, cfg, warmup=warmup, lpips=args.lpips, on_pair=out.save_pair
+        )
+        print_comparison(result, f"hunyuan {args.task} {args.cache}")
+        report["comparison"] = result
+    else:
+        runs = []
+        for i, prompt in enumerate(prompts):
+            gen = pipe.generate(prompt, args.seed, cfg)
+            index = i if len(prompts) > 1 else None
+            runs.append(out.save_single(gen, prompt=prompt, seed=args.seed, index=index))
+            print(summary_line(f"hunyuan {args.task}", gen, runs[-1]["outputs"]["video"]))
+        report.update(runs[0] if len(runs) == 1 else {"runs": runs})
+    print(f"report: {write_json(out.report, json_safe(report))}")
+
+
+if __name__ == "__main__":
+    main()
