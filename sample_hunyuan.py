@@ -22,10 +22,9 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm import tqdm
 
-from easycache.cli import add_cache_args, add_output_args, cache_config, make_cache, read_prompts
-from easycache.compare import Generation, compare_runs, print_comparison
-from easycache.metrics import json_safe
-from easycache.report import RunOutputs, Stopwatch, environment, slug, summary_line, write_json
+from easycache.cli import add_cache_args, add_output_args, check_cache_args, make_cache, read_prompts
+from easycache.compare import Generation, generate_and_report
+from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
 from models.hunyuan import CKPT_FILE, HUNYUAN_CONFIGS, HunyuanVideoConfig, guidance_input, load_hunyuan
 from models.hunyuan import HUB_REPO as DIT_REPO
@@ -115,7 +114,7 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
     if args.infer_steps < 1 or args.cfg_scale < 1:
         raise ValueError("need --infer-steps >= 1 and --cfg-scale >= 1 (1: no true CFG, as released)")
     hunyuan_sigmas(args.infer_steps, args.flow_shift)  # validates the shift
-    make_cache(cache_config(args), args.infer_steps)  # validates τ, R < steps, ...
+    check_cache_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache of the run
     if args.dit_weight is not None and not os.path.isfile(args.dit_weight):
         raise FileNotFoundError(f"--dit-weight {args.dit_weight} is not a file (the official {CKPT_FILE})")
     if args.model_base is not None and not os.path.isdir(args.model_base):
@@ -238,24 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     pipe = HunyuanT2V(dit_weight, model_base, dit_config, args)
-    cfg = cache_config(args)
     report = {"script": "sample_hunyuan.py", "args": vars(args), "environment": environment(pipe.device)}
-    if args.compare:
-        warmup = lambda: pipe.generate(prompts[0], args.seed, None, num_steps=2)  # noqa: E731
-        result = compare_runs(
-            pipe.generate, prompts, args.seed, cfg, warmup=warmup, lpips=args.lpips, on_pair=out.save_pair
-        )
-        print_comparison(result, f"hunyuan {args.task} {args.cache}")
-        report["comparison"] = result
-    else:
-        runs = []
-        for i, prompt in enumerate(prompts):
-            gen = pipe.generate(prompt, args.seed, cfg)
-            index = i if len(prompts) > 1 else None
-            runs.append(out.save_single(gen, prompt=prompt, seed=args.seed, index=index))
-            print(summary_line(f"hunyuan {args.task}", gen, runs[-1]["outputs"]["video"]))
-        report.update(runs[0] if len(runs) == 1 else {"runs": runs})
-    print(f"report: {write_json(out.report, json_safe(report))}")
+    generate_and_report(pipe.generate, prompts, args.seed, args, out, report, f"hunyuan {args.task}")
 
 
 if __name__ == "__main__":

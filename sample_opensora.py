@@ -22,10 +22,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from easycache.cli import add_cache_args, add_output_args, cache_config, make_cache, read_prompts
-from easycache.compare import Generation, compare_runs, print_comparison
-from easycache.metrics import json_safe
-from easycache.report import RunOutputs, Stopwatch, environment, slug, summary_line, write_json
+from easycache.cli import add_cache_args, add_output_args, check_cache_args, make_cache, read_prompts
+from easycache.compare import Generation, generate_and_report
+from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
 from models.loading import resolve_checkpoint
 from models.opensora import HUB_REPO, load_stdit3
@@ -121,7 +120,7 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[
         raise ValueError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
     if args.fps < 1:
         raise ValueError(f"--fps must be >= 1, got {args.fps}")
-    make_cache(cache_config(args), args.num_sampling_steps)  # validates τ, R < steps, ...
+    check_cache_args(args, args.num_sampling_steps)  # τ ≥ 0, R < steps, ... for every cache of the run
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     if args.seed < 0:
         args.seed = random.randint(0, 2**31 - 1)
@@ -216,25 +215,10 @@ def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig = OPENS
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     pipe = OpenSoraT2V(paths, args, vae_config)
-    cfg, label = cache_config(args), f"opensora {size} (batched CFG: 1 DiT call per computed step)"
     report = {"script": "sample_opensora.py", "args": vars(args), "environment": environment(pipe.device)}
     report["dit_call"] = "one batched call on [cond; uncond] per computed step"  # Wan's scripts make two
-    if args.compare:
-        warmup = lambda: pipe.generate(prompts[0], args.seed, None, num_steps=2)  # noqa: E731
-        result = compare_runs(
-            pipe.generate, prompts, args.seed, cfg, warmup=warmup, lpips=args.lpips, on_pair=out.save_pair
-        )
-        print_comparison(result, f"opensora {size} {args.cache}")
-        report["comparison"] = result
-    else:
-        runs = []
-        for i, prompt in enumerate(prompts):
-            gen = pipe.generate(prompt, args.seed, cfg)
-            index = i if len(prompts) > 1 else None
-            runs.append(out.save_single(gen, prompt=prompt, seed=args.seed, index=index))
-            print(summary_line(label, gen, runs[-1]["outputs"]["video"]))
-        report.update(runs[0] if len(runs) == 1 else {"runs": runs})
-    print(f"report: {write_json(out.report, json_safe(report))}")
+    label = f"opensora {size} (batched CFG: 1 DiT call per computed step)"
+    generate_and_report(pipe.generate, prompts, args.seed, args, out, report, label)
 
 
 if __name__ == "__main__":

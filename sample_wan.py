@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from easycache.cli import add_cache_args, add_output_args, cache_config, make_cache, read_prompts
-from easycache.compare import Generation, compare_runs, print_comparison
-from easycache.metrics import json_safe
-from easycache.report import RunOutputs, Stopwatch, environment, slug, summary_line, write_json
+from easycache.cli import add_cache_args, add_output_args, check_cache_args, make_cache, read_prompts
+from easycache.compare import Generation, generate_and_report
+from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
 from models.loading import resolve_checkpoint
 from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
@@ -136,7 +135,7 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         )
     if args.sample_steps < 1:
         raise ValueError(f"--sample_steps must be >= 1, got {args.sample_steps}")
-    make_cache(cache_config(args), args.sample_steps)  # validates τ, R < steps, ...
+    check_cache_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache of the run
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     if args.base_seed < 0:
         args.base_seed = random.randint(0, 2**31 - 1)
@@ -218,33 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     pipe = WanT2V(task, ckpt_dir, args)
-    cfg = cache_config(args)
     report = {"script": "sample_wan.py", "args": vars(args), "environment": environment(pipe.device)}
-    if args.compare:
-        warmup = lambda: pipe.generate(prompts[0], args.base_seed, None, num_steps=2)  # noqa: E731
-        result = compare_runs(
-            pipe.generate,
-            prompts,
-            args.base_seed,
-            cfg,
-            warmup=warmup,
-            lpips=args.lpips,
-            on_pair=out.save_pair,
-        )
-        print_comparison(result, f"wan {args.task} {args.cache}")
-        report["comparison"] = result
-    else:
-        runs = []
-        for i, prompt in enumerate(prompts):
-            gen = pipe.generate(prompt, args.base_seed, cfg)
-            runs.append(
-                out.save_single(
-                    gen, prompt=prompt, seed=args.base_seed, index=i if len(prompts) > 1 else None
-                )
-            )
-            print(summary_line(f"wan {args.task}", gen, runs[-1]["outputs"]["video"]))
-        report.update(runs[0] if len(runs) == 1 else {"runs": runs})
-    print(f"report: {write_json(out.report, json_safe(report))}")
+    generate_and_report(pipe.generate, prompts, args.base_seed, args, out, report, f"wan {args.task}")
 
 
 if __name__ == "__main__":

@@ -80,19 +80,23 @@ def train_vae(args) -> None:
     captions = all_captions()
     bar = tqdm(range(step, args.vae_steps), initial=step, total=args.vae_steps, desc="vae")
     for step in bar:
-        lr = args.vae_lr * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))  # cosine decay
+        # Short warm-up, then cosine decay; above ~5e-4 this architecture's training oscillates.
+        lr = args.vae_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
         for g in opt.param_groups:
             g["lr"] = lr
+        # 9-frame windows cover every causal position (the first frame alone, a first chunk of 4 that sees
+        # only frame 0 in its conv caches, later chunks that see the previous chunk): longer clips repeat it.
+        # Random crops first (4× cheaper; the VAE is convolutional), full frames for the last 20% of steps.
         x = video_batch(rng, captions, args.vae_batch, frames=9)
-        if (
-            step < 0.8 * args.vae_steps
-        ):  # crops first (4× cheaper; the VAE is convolutional), full frames last
+        if step < 0.8 * args.vae_steps:
             top, left = (int(v) for v in rng.integers(SIZE - args.vae_crop + 1, size=2))
             x = x[..., top : top + args.vae_crop, left : left + args.vae_crop]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        # A deterministic autoencoder: the official wrapper only ever uses the posterior mean, and sampling
+        # (with the encoder's initial unit variance) would drown the latents in noise early in training.
+        z = vae.encode(x).latent_dist.mode()
+        recon = vae.decode(z).sample
         mse = torch.nn.functional.mse_loss(recon, x)
-        kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()  # per latent element
+        kl = 0.5 * (z**2).mean()  # the KL's mean term only: keeps the latents near unit scale for the DiT
         loss = mse + args.vae_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,11 +300,11 @@ def main() -> None:
     p.add_argument("--work_dir", default="outputs/wan-tiny-train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_every", type=int, default=100)
-    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--vae_steps", type=int, default=3000)
     p.add_argument("--vae_batch", type=int, default=8)
-    p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--vae_lr", type=float, default=3e-4)
     p.add_argument("--vae_crop", type=int, default=32, help="crop size for the first 80%% of the VAE steps")
-    p.add_argument("--vae_kl", type=float, default=1e-5, help="weight of the per-element KL term")
+    p.add_argument("--vae_kl", type=float, default=1e-4, help="weight of the latent L2 (KL mean) term")
     p.add_argument("--videos_per_caption", type=int, default=64)
     p.add_argument("--dit_steps", type=int, default=8000)
     p.add_argument("--dit_batch", type=int, default=64)

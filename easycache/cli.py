@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from .base import StepCache
@@ -107,9 +108,66 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
         "--prompts", help="a text file with one prompt per line (# comments); reports means over it"
     )
     g.add_argument(
+        "--num-seeds",
+        "--num_seeds",
+        dest="num_seeds",
+        type=int,
+        default=1,
+        help="--compare: run every prompt with this many seeds (seed, seed+1, ...) and average over all",
+    )
+    g.add_argument(
+        "--sweep-thresh",
+        "--sweep_thresh",
+        dest="sweep_thresh",
+        type=_floats,
+        default=[],
+        help="--compare: EasyCache at each τ of this comma list (one baseline per prompt serves all)",
+    )
+    g.add_argument(
+        "--sweep-interval",
+        "--sweep_interval",
+        dest="sweep_interval",
+        type=_ints,
+        default=[],
+        help="--compare: static caching at each interval of this comma list (same warm-up R)",
+    )
+    g.add_argument(
         "--no-lpips", "--no_lpips", dest="lpips", action="store_false", help="skip LPIPS in --compare"
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def compare_configs(args: argparse.Namespace) -> list[tuple[str, EasyCacheConfig | StaticCacheConfig]]:
+    """(label, config) of every cache `--compare` runs against the baseline: the chosen one, or the sweeps."""
+    if not (args.sweep_thresh or args.sweep_interval):
+        if args.cache in ("none", "analyze"):
+            raise ValueError(
+                f"--compare needs a cache to compare with the baseline, not --cache {args.cache}"
+            )
+        return [(args.cache, cache_config(args))]
+    base = cache_config(argparse.Namespace(**{**vars(args), "cache": "easycache"}))
+    configs = [(f"easycache τ={t}", dataclasses.replace(base, thresh=t)) for t in args.sweep_thresh]
+    static = StaticCacheConfig(warmup=args.warmup, compute_last=args.compute_last)
+    configs += [(f"static n={n}", dataclasses.replace(static, interval=n)) for n in args.sweep_interval]
+    return configs
+
+
+def check_cache_args(args: argparse.Namespace, num_steps: int) -> None:
+    """Build every cache the run will use once, so bad values fail before any model is loaded."""
+    make_cache(cache_config(args), num_steps)
+    if getattr(args, "num_seeds", 1) < 1:
+        raise ValueError(f"--num-seeds must be >= 1, got {args.num_seeds}")
+    if getattr(args, "compare", False):
+        for _, config in compare_configs(args):
+            make_cache(config, num_steps)
 
 
 def read_prompts(path: str) -> list[str]:

@@ -54,7 +54,7 @@ def compare_pair(base: Generation, cached: Generation, *, lpips: bool = True) ->
 
 def aggregate(rows: list[dict]) -> dict:
     """Mean and standard deviation of every numeric column (inf stays inf: identical videos)."""
-    out = {}
+    out = {"num_prompts": len(rows)}
     for key in rows[0]:
         values = [
             r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)
@@ -88,48 +88,86 @@ def format_row(row: dict, label: str) -> str:
 
 
 def table_header() -> str:
-    heads = ["run", *(h for _, h, _ in TABLE_COLUMNS)]
+    heads = ["cache", *(h for _, h, _ in TABLE_COLUMNS)]
     return "| " + " | ".join(heads) + " |\n|" + "---|" * len(heads)
 
 
 def compare_runs(
     generate: Callable[[str, int, object], Generation],
     prompts: list[str],
-    seed: int,
-    cache_config,
+    seeds: list[int],
+    configs: list[tuple[str, object]],
     *,
     warmup: Callable[[], None] | None = None,
     lpips: bool = True,
-    on_pair: Callable[[str, Generation, Generation, dict], None] | None = None,
+    on_pair: Callable[[Generation, Generation, dict], None] | None = None,
 ) -> dict:
-    """Baseline and cached generation of every prompt from the same seed; per-prompt rows and their mean.
+    """The baseline of every (prompt, seed) once, then each cache config from the same seed; rows and means.
 
-    `generate(prompt, seed, cache_config_or_None)` is the sample script's own generation. `warmup` runs once
-    first so neither side pays for kernel selection or allocator growth. `on_pair` may save the videos.
+    `generate(prompt, seed, cache_config_or_None)` is the sample script's own generation; `configs` is a
+    list of (label, cache config), e.g. one EasyCache, or a τ sweep and static intervals for a Pareto curve.
+    `warmup` runs once first so neither side pays for kernel selection or allocator growth. `on_pair` may
+    save the videos.
     """
     if warmup is not None:
         warmup()
     rows = []
-    for prompt in prompts:
+    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    for index, (prompt, seed) in enumerate(pairs):
         base = generate(prompt, seed, None)
-        cached = generate(prompt, seed, cache_config)
-        row = {"prompt": prompt, "seed": seed, **compare_pair(base, cached, lpips=lpips)}
-        row["cache_stats"] = cached.cache_stats
-        rows.append(row)
-        if on_pair is not None:
-            on_pair(prompt, base, cached, row)
-    return {
-        "rows": rows,
-        "mean": aggregate([{k: v for k, v in r.items() if k != "cache_stats"} for r in rows]),
-    }
+        for label, config in configs:
+            cached = generate(prompt, seed, config)
+            row = {"label": label, "run_index": index, "prompt": prompt, "seed": seed}
+            row.update(compare_pair(base, cached, lpips=lpips))
+            row["cache_stats"] = cached.cache_stats
+            rows.append(row)
+            if on_pair is not None:
+                on_pair(base, cached, row)
+    means = {}
+    for label, _ in configs:
+        mine = [{k: v for k, v in r.items() if k != "cache_stats"} for r in rows if r["label"] == label]
+        means[label] = aggregate(mine)
+    return {"rows": rows, "means": means}
 
 
-def print_comparison(result: dict, label: str) -> None:
+def generate_and_report(generate, prompts: list[str], seed: int, args, out, report: dict, label: str) -> None:
+    """The end of every sample script's main(): with --compare, the baseline against each cache of
+    `compare_configs(args)` (one table row each); otherwise one video per prompt. Writes videos and report.
+
+    `generate(prompt, seed, cache_config, num_steps=None)` is the script's generation; `out` a RunOutputs.
+    """
+    from .cli import cache_config, compare_configs
+    from .metrics import json_safe
+    from .report import summary_line, write_json
+
+    if args.compare:
+        warmup = lambda: generate(prompts[0], seed, None, num_steps=2)  # noqa: E731  kernels, allocator
+        seeds = [seed + i for i in range(args.num_seeds)]
+        configs = compare_configs(args)
+        result = compare_runs(
+            generate, prompts, seeds, configs, warmup=warmup, lpips=args.lpips, on_pair=out.save_pair
+        )
+        print_comparison(result, label)
+        report["comparison"] = result
+    else:
+        runs = []
+        for i, prompt in enumerate(prompts):
+            gen = generate(prompt, seed, cache_config(args))
+            runs.append(out.save_single(gen, prompt=prompt, seed=seed, index=i if len(prompts) > 1 else None))
+            print(summary_line(label, gen, runs[-1]["outputs"]["video"]))
+        report.update(runs[0] if len(runs) == 1 else {"runs": runs})
+    print(f"report: {write_json(out.report, json_safe(report))}")
+
+
+def print_comparison(result: dict, title: str) -> None:
+    print(title)
     print(table_header())
-    for i, row in enumerate(result["rows"]):
-        print(format_row(row, f"{label} #{i}" if len(result["rows"]) > 1 else label))
-    if len(result["rows"]) > 1:
-        print(format_row(result["mean"], f"{label} (mean of {len(result['rows'])})"))
+    many = len({r["run_index"] for r in result["rows"]}) > 1
+    for row in result["rows"]:
+        print(format_row(row, f"{row['label']} #{row['run_index']}" if many else row["label"]))
+    if many:
+        for label, mean in result["means"].items():
+            print(format_row(mean, f"{label} (mean)"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,7 +104,7 @@ class RunOutputs:
         if not self.report.endswith(".json"):
             raise ValueError(f"the report is written as .json, got {self.report}")
         self.fps, self.lossless = fps, lossless
-        self._num_pairs = 0
+        self._baselines: dict[int, dict] = {}  # prompt index -> paths of its baseline video
 
     def _write(self, path_mp4: str, frames) -> dict:
         from .video import LOSSLESS_SUFFIX, write_video
@@ -128,14 +128,13 @@ class RunOutputs:
             "trace": gen.trace,
         }
 
-    def save_pair(self, prompt: str, base, cached, row: dict) -> None:
-        """--compare: write both videos of one prompt; record their paths in the row."""
-        stem = f"{self.video[: -len('.mp4')]}_{self._num_pairs}"
-        self._num_pairs += 1
-        row["outputs"] = {
-            "baseline": self._write(f"{stem}_baseline.mp4", base.frames),
-            "cached": self._write(f"{stem}_cached.mp4", cached.frames),
-        }
+    def save_pair(self, base, cached, row: dict) -> None:
+        """--compare: write the baseline (once per prompt) and the cached video; the row records both."""
+        stem = f"{self.video[: -len('.mp4')]}_{row['run_index']}"
+        label = re.sub(r"[^A-Za-z0-9.]+", "_", row["label"]).strip("_")
+        baseline = self._baselines.get(row["run_index"]) or self._write(f"{stem}_baseline.mp4", base.frames)
+        self._baselines[row["run_index"]] = baseline
+        row["outputs"] = {"baseline": baseline, "cached": self._write(f"{stem}_{label}.mp4", cached.frames)}
         row["trace"] = cached.trace
 
 

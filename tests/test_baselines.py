@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from easycache import EasyCache, EasyCacheConfig, StaticCache, StaticCacheConfig
-from easycache.cli import add_cache_args, cache_config, make_cache
+from easycache.cli import add_cache_args, add_output_args, cache_config, make_cache
 
 
 def pattern_of(cache, n, model=lambda x: 2 * x + 1):
@@ -69,6 +69,7 @@ def test_static_config_validation(kwargs, field):
 def parse(*argv, **defaults):
     parser = argparse.ArgumentParser()
     add_cache_args(parser, **defaults)
+    add_output_args(parser)
     return parser.parse_args(list(argv))
 
 
@@ -99,3 +100,24 @@ def test_cli_rejects_bad_values_early():
         parse("--cache", "teacache")
     with pytest.raises(ValueError, match="warmup"):
         make_cache(cache_config(parse("--warmup", "50")), 50)
+
+
+def test_compare_configs():
+    from easycache.cli import check_cache_args, compare_configs
+
+    assert compare_configs(parse("--thresh", "0.1", "--compare")) == [
+        ("easycache", EasyCacheConfig(thresh=0.1))
+    ]
+    sweep = compare_configs(parse("--sweep-thresh", "0.02,0.1", "--sweep-interval", "2,4", "--warmup", "3"))
+    assert [label for label, _ in sweep] == [
+        "easycache τ=0.02",
+        "easycache τ=0.1",
+        "static n=2",
+        "static n=4",
+    ]
+    assert sweep[1][1] == EasyCacheConfig(thresh=0.1, warmup=3)
+    assert sweep[3][1] == StaticCacheConfig(interval=4, warmup=3)
+    with pytest.raises(ValueError, match="needs a cache"):
+        compare_configs(parse("--cache", "none", "--compare"))
+    with pytest.raises(ValueError, match="interval"):
+        check_cache_args(parse("--compare", "--sweep-interval", "0"), 50)

@@ -38,7 +38,11 @@ def test_plot_writes_a_png_for_each_report_layout(tmp_path):
     cache = run_cache(cache_config(parse("--thresh", "0.2", "--warmup", "3")))
     single = {"prompt": "p", "trace": cache.trace, "cache": cache.stats}
     listed = {"runs": [single, {**single, "prompt": "q"}]}
-    compared = {"comparison": {"rows": [{"prompt": "p", "trace": cache.trace, "cache_stats": cache.stats}]}}
+    compared = {
+        "comparison": {
+            "rows": [{"prompt": "p", "label": "easycache", "trace": cache.trace, "cache_stats": cache.stats}]
+        }
+    }
     for name, report in (("single", single), ("runs", listed), ("compare", compared)):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(report))

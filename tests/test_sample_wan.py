@@ -134,3 +134,18 @@ def test_unknown_task_is_rejected(capsys):
     with pytest.raises(SystemExit):
         sample_wan.parse_args(["--task", "t2v-7B"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_compare_sweep_shares_one_baseline(ckpt_dir, tmp_path):
+    report = run(ckpt_dir, tmp_path / "s.mp4", "--compare", "--sweep-thresh", "0,10", "--sweep-interval", "3",
+                 "--no-lpips")  # fmt: skip
+    result = report["comparison"]
+    assert [r["label"] for r in result["rows"]] == ["easycache τ=0.0", "easycache τ=10.0", "static n=3"]
+    assert result["rows"][0]["psnr_global"] == "inf" and result["rows"][0]["nfe_ratio"] == 1.0
+    assert result["rows"][1]["nfe_ratio"] > 1.0 and result["rows"][2]["cache_stats"]["method"] == "static"
+    assert result["rows"][2]["cache_stats"]["computed_steps"] == [0, 1, 2, 5, 7]  # R=2, every 3rd, the last
+    assert set(result["means"]) == {"easycache τ=0.0", "easycache τ=10.0", "static n=3"}
+    baselines = {r["outputs"]["baseline"]["video"] for r in result["rows"]}
+    assert len(baselines) == 1  # the baseline ran (and was written) once for all three caches
+    assert sorted(os.listdir(tmp_path)) == ["s.json", "s_0_baseline.mp4", "s_0_easycache_0.0.mp4",
+                                            "s_0_easycache_10.0.mp4", "s_0_static_n_3.mp4"]  # fmt: skip
