@@ -60,3 +60,27 @@ def test_plot_refuses_a_report_without_trace(tmp_path):
     with pytest.raises(SystemExit):
         path.write_text(json.dumps({"trace": run_cache(cache_config(parse())).trace}))
         plot_main([str(path), "--run", "3"])
+
+
+def test_pareto_plot_from_a_sweep_report(tmp_path):
+    from easycache.pareto import main as pareto_main
+    from easycache.pareto import points
+
+    def mean(nfe, psnr):
+        return {"nfe_ratio": nfe, "nfe_ratio_std": 0.1, "psnr_global": psnr, "psnr_global_std": 0.5}
+
+    means = {"easycache τ=0.0": mean(1.0, "inf"), "easycache τ=0.1": mean(2.0, 30.0),
+             "easycache τ=0.05": mean(1.5, 35.0), "static n=2": mean(1.8, 28.0)}  # fmt: skip
+    report = {"comparison": {"rows": [], "means": means}}
+    curves = points(report, "nfe_ratio", "psnr_global")
+    assert [p[0] for p in curves["easycache"]] == [
+        "easycache τ=0.05",
+        "easycache τ=0.1",
+    ]  # sorted by x, inf out
+    assert curves["static"] == [("static n=2", 1.8, 0.1, 28.0, 0.5)]
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(report, allow_nan=False))
+    pareto_main([str(path), "-o", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="no --compare"):
+        points({"trace": []}, "nfe_ratio", "psnr_global")

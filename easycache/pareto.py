@@ -1,0 +1,78 @@
+"""Speed-up against fidelity for every cache of one or more `--compare` reports: the Pareto curve.
+
+    python sample_wan.py --task tiny --compare --prompts prompts/tiny_captions.txt --num-seeds 3 \
+        --sweep-thresh 0.02,0.05,0.1,0.2 --sweep-interval 2,3,4,6 --report outputs/sweep.json
+    python -m easycache.pareto outputs/sweep.json -o outputs/pareto.png --x nfe_ratio
+
+Each point is a cache configuration (label), at the mean over all (prompt, seed) pairs, with ± one standard
+deviation as error bars; EasyCache and static caching get one line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+X_KEYS = {"nfe_ratio": "NFE ratio (DiT calls saved)", "speedup_dit": "DiT speed-up", "speedup_e2e":
+          "end-to-end speed-up"}  # fmt: skip
+Y_KEYS = {"psnr_global": "PSNR, global MSE (dB)", "psnr_per_frame": "PSNR, per-frame mean (dB)",
+          "ssim": "SSIM", "latent_psnr": "latent PSNR (dB)"}  # fmt: skip
+
+
+def points(report: dict, x: str, y: str) -> dict[str, list[tuple[str, float, float, float, float]]]:
+    """{method: [(label, x mean, x std, y mean, y std), ...]} from a report's per-config means."""
+    means = (report.get("comparison") or {}).get("means")
+    if not means:
+        raise ValueError("the report holds no --compare results")
+    out: dict[str, list] = {}
+    for label, m in means.items():
+        values = (m.get(x), m.get(y))
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            continue  # e.g. τ = 0: identical to the baseline, infinite PSNR (written "inf" in the JSON)
+        method = label.split()[0]
+        out.setdefault(method, []).append(
+            (label, m[x], m.get(f"{x}_std") or 0.0, m[y], m.get(f"{y}_std") or 0.0)
+        )
+    return {k: sorted(v, key=lambda p: p[1]) for k, v in out.items()}
+
+
+def plot(reports: list[str], path: str, x: str = "nfe_ratio", y: str = "psnr_global") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
+    for report_path in reports:
+        with open(report_path) as f:
+            curves = points(json.load(f), x, y)
+        name = os.path.basename(report_path) if len(reports) > 1 else ""
+        for method, pts in curves.items():
+            _, xs, xerr, ys, yerr = zip(*pts)
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=f"{method} {name}".strip())
+            for label, px, _, py, _ in pts:
+                ax.annotate(label.split(" ", 1)[-1], (px, py), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)  # fmt: skip
+    ax.set_xlabel(X_KEYS[x])
+    ax.set_ylabel(Y_KEYS[y])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="speed-up vs fidelity of the caches in --compare reports")
+    p.add_argument("reports", nargs="+", help="JSON reports written with --compare (and sweeps)")
+    p.add_argument("-o", "--output", default="pareto.png")
+    p.add_argument("--x", choices=X_KEYS, default="nfe_ratio")
+    p.add_argument("--y", choices=Y_KEYS, default="psnr_global")
+    args = p.parse_args(argv)
+    print(plot(args.reports, args.output, args.x, args.y))
+
+
+if __name__ == "__main__":
+    main()
