@@ -1,8 +1,8 @@
 """Speed of our WanModel forward against diffusers' WanTransformer3DModel on the same weights and inputs.
 
-CPU default (a moderate config, ~0.1-1 s per forward):  python benchmarks/bench_wan.py
+CPU default (a moderate config, ~0.1-1 s per forward):  python -m benchmarks.bench_wan
 GPU, the real 1.3B at 480p x 81 frames (random weights):
-    python benchmarks/bench_wan.py --device cuda --dtype bf16 --preset t2v-1.3B --size 832*480 --frames 81
+    python -m benchmarks.bench_wan --device cuda --dtype bf16 --preset t2v-1.3B --size 832*480 --frames 81
 
 Prints median/min seconds per forward of both models, their ratio, the analytic matmul FLOPs of one
 forward and the achieved FLOP rate (model-FLOP utilisation for --peak-tflops; CUDA default: H100 bf16).
@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models.loading import load_strict  # noqa: E402
-from models.wan import WAN_CONFIGS, WanConfig, WanModel, cast_wan, convert_diffusers_to_official  # noqa: E402
+from models.loading import load_strict
+from models.wan import WAN_CONFIGS, WanConfig, WanModel, cast_wan, convert_diffusers_to_official
 
 # dim 768 / 6 heads keeps head_dim 128 (the real RoPE split); text width and length as the real model.
 CPU_CONFIG = WanConfig(dim=768, ffn_dim=3072, num_heads=6, num_layers=4)
