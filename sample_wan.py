@@ -125,7 +125,7 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         raise ValueError(f"--size must look like 832*480 (width*height), got {args.size!r}") from None
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         raise ValueError(
-            f"--size {args.size}: width and height must be positive multiples of 16 (VAE 8 × patch 2)"
+            f"--size {args.size}: width and height must be positive multiples of 16 (VAE stride × DiT patch)"
         )
     if args.size not in task.sizes:
         print(f"note: {args.size} is not an official size of {args.task} ({', '.join(task.sizes)})")

@@ -30,9 +30,9 @@ from models.wan import WAN_CONFIGS, WanModel
 from models.wan_t5 import UMT5_TINY, convert_umt5_to_official
 from models.wan_vae import WAN_VAE_FILE, WAN_VAE_TINY, WanVAEConfig, convert_diffusers_wan_vae_to_official
 
-# Tiny Wan-VAE: 8× spatial and 4× temporal downsampling like the real one, 16 latent channels. Its latent
-# mean/std (measured after training) live in models.wan_vae.WAN_VAE_TINY.
-VAE_ARCH = dict(base_dim=16, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+# Tiny Wan-VAE: 4× temporal and 4× spatial downsampling, 16 latent channels (64×64×17 -> 16×5×16×16); its
+# latent mean/std (measured after training) live in models.wan_vae.WAN_VAE_TINY.
+VAE_ARCH = dict(base_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True))
 
 
 def log(work_dir: str, name: str, record: dict) -> None:
@@ -86,9 +86,9 @@ def train_vae(args) -> None:
             g["lr"] = lr
         # 9-frame windows cover every causal position (the first frame alone, a first chunk of 4 that sees
         # only frame 0 in its conv caches, later chunks that see the previous chunk): longer clips repeat it.
-        # Random crops first (4× cheaper; the VAE is convolutional), full frames for the last 20% of steps.
+        # Random crops first (4× cheaper; the VAE is convolutional), full frames for the last 15% of steps.
         x = video_batch(rng, captions, args.vae_batch, frames=9)
-        if step < 0.8 * args.vae_steps:
+        if step < 0.85 * args.vae_steps:
             top, left = (int(v) for v in rng.integers(SIZE - args.vae_crop + 1, size=2))
             x = x[..., top : top + args.vae_crop, left : left + args.vae_crop]
         # A deterministic autoencoder: the official wrapper only ever uses the posterior mean, and sampling
@@ -155,7 +155,7 @@ def load_vae(args, stats: dict | None = None):
 
 @torch.no_grad()
 def encode_videos(vae, captions: list, seeds: list[int], batch: int = 16) -> torch.Tensor:
-    """Posterior means [N, 16, 5, 8, 8] of the rendered videos (the official VAE never samples)."""
+    """Posterior means [N, 16, 5, 16, 16] of the rendered videos (the official VAE never samples)."""
     out = []
     for i in tqdm(range(0, len(seeds), batch), desc="encode", leave=False):
         videos = [
@@ -236,7 +236,7 @@ def train_dit(args) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(z), (args.dit_batch,), generator=gen)
-        x0 = z[idx]  # [B, 16, 5, 8, 8]
+        x0 = z[idx]  # [B, 16, 5, 16, 16]
         noise = torch.randn(x0.shape, generator=gen)
         sigma = torch.sigmoid(torch.randn(len(idx), generator=gen))  # logit-normal σ (SD3), in (0, 1)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -300,10 +300,10 @@ def main() -> None:
     p.add_argument("--work_dir", default="outputs/wan-tiny-train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_every", type=int, default=100)
-    p.add_argument("--vae_steps", type=int, default=3000)
+    p.add_argument("--vae_steps", type=int, default=4000)
     p.add_argument("--vae_batch", type=int, default=8)
     p.add_argument("--vae_lr", type=float, default=3e-4)
-    p.add_argument("--vae_crop", type=int, default=32, help="crop size for the first 80%% of the VAE steps")
+    p.add_argument("--vae_crop", type=int, default=32, help="crop size for the first 85%% of the VAE steps")
     p.add_argument("--vae_kl", type=float, default=1e-4, help="weight of the latent L2 (KL mean) term")
     p.add_argument("--videos_per_caption", type=int, default=64)
     p.add_argument("--dit_steps", type=int, default=8000)

@@ -54,30 +54,43 @@ class WanVAEConfig:
     latents_std: tuple[float, ...] = WAN_VAE_STD
 
     def __post_init__(self):
-        # WanVAE's frame rule and latent_shape assume the official strides (t, h, w) = (4, 8, 8).
-        if (
-            len(self.dim_mult) != 4
-            or len(self.temperal_downsample) != 3
-            or sum(self.temperal_downsample) != 2
-        ):
+        # Each level after the first halves H and W; the flags say which of those also halve time.
+        if len(self.dim_mult) < 2 or len(self.temperal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
-                "WanVAEConfig needs 4 dim_mult levels and 2 of 3 temperal_downsample flags set (strides "
-                f"4x8x8), got dim_mult={self.dim_mult}, temperal_downsample={self.temperal_downsample}"
+                "WanVAEConfig needs >= 2 dim_mult levels and one temperal_downsample flag per downsampling "
+                f"(len(dim_mult) - 1), got dim_mult={self.dim_mult}, "
+                f"temperal_downsample={self.temperal_downsample}"
             )
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"latents_mean and latents_std need z_dim={self.z_dim} entries each")
 
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)  # official: 8
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temperal_downsample)  # official: 4
+
     def diffusers_kwargs(self) -> dict:
         # attn_scales stays [] (official): diffusers' decoder has no attention outside the middle block.
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}, "attn_scales": []}
+        kw = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+        strides = {"scale_factor_spatial": self.spatial_stride, "scale_factor_temporal": self.temporal_stride}
+        return {**kw, "attn_scales": [], **strides}
 
 
 WAN_VAE_CONFIG = WanVAEConfig()
-# The embedded demo model's VAE (train_wan_tiny.py): 16 base channels, one residual block per level; its
-# latent statistics were measured on the training videos after the VAE was trained.
+# The embedded demo model's VAE (train_wan_tiny.py): 16 base channels, one residual block per level and one
+# level fewer (strides 4×4×4 instead of 4×8×8: a VAE this small, trained on a CPU, cannot also learn the
+# 8× spatial compression); its latent statistics were measured on the training videos after training.
 WAN_VAE_TINY = WanVAEConfig(
-    base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16
+    base_dim=16,
+    dim_mult=(1, 2, 2),
+    num_res_blocks=1,
+    temperal_downsample=(True, True),
+    latents_mean=(0.0,) * 16,
+    latents_std=(1.0,) * 16,
 )  # fmt: skip  (placeholder)
 
 #####  official <-> diffusers key names  #####
@@ -181,9 +194,6 @@ def convert_diffusers_wan_vae_to_official(state_dict: dict[str, Tensor]) -> dict
 class WanVAE:
     """Video [B,3,F,H,W] in [-1,1] <-> normalised latents [B,Z,T,h,w], as the official `WanVAE` wrapper."""
 
-    temporal_stride = 4
-    spatial_stride = 8
-
     def __init__(
         self,
         config: WanVAEConfig = WAN_VAE_CONFIG,
@@ -231,19 +241,25 @@ class WanVAE:
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(Z, T, h, w) of a video `frames` x `height` x `width`; ValueError if the VAE cannot take it."""
         self._check_video_size(frames, height, width)
-        s = self.spatial_stride
-        return self.config.z_dim, (frames - 1) // self.temporal_stride + 1, height // s, width // s
+        s = self.config.spatial_stride
+        return self.config.z_dim, (frames - 1) // self.config.temporal_stride + 1, height // s, width // s
 
     def _check_video_size(self, frames: int, height: int, width: int) -> None:
         # The encoder takes frame 1 alone, then chunks of 4 (causal): other frame counts lose their tail.
-        if frames < 1 or (frames - 1) % self.temporal_stride:
-            n = max(frames - 1, 0) // self.temporal_stride
+        if frames < 1 or (frames - 1) % self.config.temporal_stride:
+            n = max(frames - 1, 0) // self.config.temporal_stride
             raise ValueError(
                 f"the Wan-VAE needs 4n+1 frames, got {frames}; use {4 * n + 1} or {4 * n + 5} frames"
             )
-        if height % self.spatial_stride or width % self.spatial_stride or height <= 0 or width <= 0:
+        if (
+            height % self.config.spatial_stride
+            or width % self.config.spatial_stride
+            or height <= 0
+            or width <= 0
+        ):
             raise ValueError(
-                f"the Wan-VAE needs height and width divisible by {self.spatial_stride}, got {height}x{width}"
+                f"the Wan-VAE needs height and width divisible by {self.config.spatial_stride}, "
+                f"got {height}x{width}"
             )
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -267,7 +283,7 @@ class WanVAE:
 
     def tiles_by_default(self, h: int, w: int) -> bool:
         """Whether decode(tiled=None) tiles a latent of h x w: only above 480x832 pixels (see decode)."""
-        return h * w * self.spatial_stride**2 > UNTILED_MAX_PIXELS
+        return h * w * self.config.spatial_stride**2 > UNTILED_MAX_PIXELS
 
     @torch.no_grad()
     def decode(self, z: Tensor, *, tiled: bool | None = None) -> Tensor:

@@ -1,5 +1,6 @@
 """sample_wan.py end to end on a tiny random checkpoint written in the official file layout."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,9 +31,10 @@ def ckpt_dir(tmp_path_factory):
     torch.manual_seed(0)
     dit = WanModel(WAN_CONFIGS["tiny"])
     save_file(dit.state_dict(), str(d / "diffusion_pytorch_model.safetensors"))
-    cfg = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 192, "eps": 1e-6, "ffn_dim": 512,
-           "freq_dim": 256, "in_dim": 16, "model_type": "t2v", "num_heads": 3, "num_layers": 6, "out_dim": 16,
-           "text_len": 16, "text_dim": 64}  # fmt: skip
+    cfg = {
+        "_class_name": "WanModel",
+        **dataclasses.asdict(WAN_CONFIGS["tiny"]),
+    }  # as train_wan_tiny.py writes it
     (d / "config.json").write_text(json.dumps(cfg))
     tokenizer, _ = build_text_encoder(seed=0)
     tokenizer.save_pretrained(str(d / "google" / "umt5-xxl"))

@@ -191,7 +191,7 @@ def test_latent_shape_official():
         vae = WanVAE()
     assert vae.latent_shape(81, 480, 832) == (16, 21, 60, 104)  # the official 480p T2V latent
     assert vae.latent_shape(1, 8, 16) == (16, 1, 1, 2)
-    assert (vae.temporal_stride, vae.spatial_stride) == (4, 8)
+    assert (vae.config.temporal_stride, vae.config.spatial_stride) == (4, 8)
 
 
 def test_bad_inputs():
@@ -204,7 +204,7 @@ def test_bad_inputs():
         vae.decode(torch.zeros(1, 16, 2, 2, 2))
     with pytest.raises(ValueError, match="NaN"):
         vae.decode(torch.full((1, 4, 2, 2, 2), float("nan")))
-    with pytest.raises(ValueError, match="strides 4x8x8"):
+    with pytest.raises(ValueError, match="one temperal_downsample flag per downsampling"):
         WanVAEConfig(dim_mult=(1, 2, 4))
     with pytest.raises(ValueError, match="z_dim=4"):
         WanVAEConfig(z_dim=4)
