@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm import tqdm
 
-from easycache.cli import add_cache_args, add_output_args, check_cache_args, make_cache, read_prompts
+from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
 from easycache.compare import Generation, generate_and_report
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
@@ -114,12 +114,11 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
     if args.infer_steps < 1 or args.cfg_scale < 1:
         raise ValueError("need --infer-steps >= 1 and --cfg-scale >= 1 (1: no true CFG, as released)")
     hunyuan_sigmas(args.infer_steps, args.flow_shift)  # validates the shift
-    check_cache_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache of the run
     if args.dit_weight is not None and not os.path.isfile(args.dit_weight):
         raise FileNotFoundError(f"--dit-weight {args.dit_weight} is not a file (the official {CKPT_FILE})")
     if args.model_base is not None and not os.path.isdir(args.model_base):
         raise FileNotFoundError(f"--model-base {args.model_base} is not a directory")
-    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    prompts = check_run_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
     if args.seed is None:
         args.seed = random.randint(0, 1_000_000)
     return task, read_dit_config(args.dit_config) if args.dit_config else task.dit, prompts

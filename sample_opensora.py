@@ -22,7 +22,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from easycache.cli import add_cache_args, add_output_args, check_cache_args, make_cache, read_prompts
+from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
 from easycache.compare import Generation, generate_and_report
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
@@ -120,8 +120,7 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[
         raise ValueError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
     if args.fps < 1:
         raise ValueError(f"--fps must be >= 1, got {args.fps}")
-    check_cache_args(args, args.num_sampling_steps)  # τ ≥ 0, R < steps, ... for every cache of the run
-    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    prompts = check_run_args(args, args.num_sampling_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
     if args.seed < 0:
         args.seed = random.randint(0, 2**31 - 1)
     return prompts

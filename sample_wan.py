@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from easycache.cli import add_cache_args, add_output_args, check_cache_args, make_cache, read_prompts
+from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
 from easycache.compare import Generation, generate_and_report
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
@@ -135,8 +135,7 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         )
     if args.sample_steps < 1:
         raise ValueError(f"--sample_steps must be >= 1, got {args.sample_steps}")
-    check_cache_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache of the run
-    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
     if args.base_seed < 0:
         args.base_seed = random.randint(0, 2**31 - 1)
     return task, (width, height), prompts

@@ -170,6 +170,13 @@ def check_cache_args(args: argparse.Namespace, num_steps: int) -> None:
             make_cache(config, num_steps)
 
 
+def check_run_args(args: argparse.Namespace, num_steps: int) -> list[str]:
+    """The checks every sample script shares, before anything heavy: every cache of the run can be built for
+    `num_steps` steps, and the prompts (`--prompts FILE`, else `--prompt`) can be read; returns them."""
+    check_cache_args(args, num_steps)
+    return read_prompts(args.prompts) if args.prompts else [args.prompt]
+
+
 def read_prompts(path: str) -> list[str]:
     """Non-empty lines of a prompt file that do not start with '#'."""
     if not os.path.isfile(path):

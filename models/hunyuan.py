@@ -33,6 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.attention import attention
+from models.embeddings import TimestepEmbedder
 from models.loading import download_command, load_file_state_dict, load_strict
 
 HUB_REPO = "tencent/HunyuanVideo"
@@ -47,7 +48,6 @@ ACTIVATIONS = {
 }
 TOKEN_REFINER_DEPTH = 2  # hardcoded in the official HYVideoDiffusionTransformer (SingleTokenRefiner(depth=2))
 TOKEN_REFINER_MLP_RATIO = 4.0  # SingleTokenRefiner's default; not tied to mlp_width_ratio
-FREQ_DIM = 256  # sinusoidal timestep/guidance embedding size
 
 
 #################################################################################
@@ -142,14 +142,6 @@ def guidance_input(embedded_guidance_scale: float, batch: int, device=None, dtyp
 #################################################################################
 
 
-def timestep_embedding(t: Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> Tensor:
-    """GLIDE sinusoid [cos | sin] in fp32; frequencies built on the CPU like the official code."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)  # [dim/2]
-    args = t[:, None].float() * freqs.to(t.device)[None]  # [B, dim/2]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
-
-
 def rope_cos_sin(grid: tuple[int, int, int], rope_dim_list, theta: float) -> tuple[Tensor, Tensor]:
     """cos, sin [N, d] for a (t, h, w) patch grid, fp32 on the CPU as the official get_nd_rotary_pos_embed:
     axis i uses rope_dim_list[i] channels, each frequency repeated for an interleaved (x0, x1) pair."""
@@ -195,19 +187,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-class TimestepEmbedder(nn.Module):
-    """Sinusoid -> Linear -> SiLU -> Linear (time_in, guidance_in, txt_in.t_embedder)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
-
-    def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))  # [B, D]
 
 
 class MLPEmbedder(nn.Module):

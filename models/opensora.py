@@ -22,10 +22,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.attention import attention
+from models.embeddings import TimestepEmbedder
 from models.loading import load_file_state_dict, load_strict, require_files
 
 HUB_REPO = "hpcai-tech/OpenSora-STDiT-v3"
-FREQ_DIM = 256  # sinusoid size of the timestep and fps embedders (upstream frequency_embedding_size)
 LN_EPS = 1e-6
 
 # ==================================================================================================
@@ -110,15 +110,6 @@ STDIT3_CONFIGS = {"STDiT3-XL/2": STDIT3_XL_2, "STDiT3-3B/2": STDIT3_3B_2}
 # ==================================================================================================
 
 
-def timestep_embedding(t: Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> Tensor:
-    """GLIDE sinusoid [cos, sin] of scalars t [B] -> [B, dim], in fp32 whatever the dtype of t."""
-    half = dim // 2
-    # Built on the CPU as upstream does (then moved), so the frequencies are bitwise the official ones.
-    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half).to(t.device)
-    args = t[:, None].float() * freqs[None]  # [B, dim/2]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
-
-
 def position_embedding_2d(
     h: int, w: int, scale: float, base_size: int, dim: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
@@ -137,19 +128,6 @@ def position_embedding_2d(
 
     # The w coordinate fills the first half: upstream's meshgrid names are swapped ("here w goes first").
     return torch.cat([sincos(grid_w), sincos(grid_h)], dim=-1)[None].to(dtype)  # [1, h*w, dim]
-
-
-class TimestepEmbedder(nn.Module):
-    """Scalar -> sinusoid -> MLP; used for the timestep and (as fps_embedder) the frame rate."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
-
-    def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))  # [B, D]
 
 
 class Mlp(nn.Module):
