@@ -84,13 +84,13 @@ def train_vae(args) -> None:
         lr = args.vae_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        # 9-frame windows cover every causal position (the first frame alone, a first chunk of 4 that sees
-        # only frame 0 in its conv caches, later chunks that see the previous chunk): longer clips repeat it.
-        # Random crops first (4× cheaper; the VAE is convolutional), full frames for the last 15% of steps.
-        x = video_batch(rng, captions, args.vae_batch, frames=9)
-        if step < 0.85 * args.vae_steps:
-            top, left = (int(v) for v in rng.integers(SIZE - args.vae_crop + 1, size=2))
-            x = x[..., top : top + args.vae_crop, left : left + args.vae_crop]
+        # Short 9-frame windows first (half the cost), then whole 17-frame clips: the causal conv caches make
+        # the VAE recurrent over its 4-frame chunks, and a VAE trained on 2 chunks drifts on the 3rd and 4th.
+        # Random crops (the VAE is convolutional) of 32 px, the last 10% of steps 48 px for more context.
+        x = video_batch(rng, captions, args.vae_batch, frames=9 if step < 0.55 * args.vae_steps else FRAMES)
+        crop = args.vae_crop if step < 0.9 * args.vae_steps else 48
+        top, left = (int(v) for v in rng.integers(SIZE - crop + 1, size=2))
+        x = x[..., top : top + crop, left : left + crop]
         # A deterministic autoencoder: the official wrapper only ever uses the posterior mean, and sampling
         # (with the encoder's initial unit variance) would drown the latents in noise early in training.
         z = vae.encode(x).latent_dist.mode()
@@ -308,7 +308,9 @@ def main() -> None:
     p.add_argument("--vae_steps", type=int, default=4000)
     p.add_argument("--vae_batch", type=int, default=8)
     p.add_argument("--vae_lr", type=float, default=3e-4)
-    p.add_argument("--vae_crop", type=int, default=32, help="crop size for the first 85%% of the VAE steps")
+    p.add_argument(
+        "--vae_crop", type=int, default=32, help="crop size for the first 90%% of the VAE steps (then 48)"
+    )
     p.add_argument("--vae_kl", type=float, default=1e-4, help="weight of the latent L2 (KL mean) term")
     p.add_argument("--videos_per_caption", type=int, default=32)
     p.add_argument("--dit_steps", type=int, default=8000)
