@@ -31,7 +31,7 @@ BACKGROUNDS = {
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}  # (dx, dy) in image axes
 
-FRAMES, SIZE = 17, 64  # 4n+1 frames for the Wan-VAE; 64×64 pixels -> 5×8×8 latents
+FRAMES, SIZE = 17, 64  # 4n+1 frames for the Wan-VAE; the tiny VAE (4×4×4) makes 5×16×16 latents
 
 
 @dataclass(frozen=True)

@@ -89,9 +89,16 @@ WAN_VAE_TINY = WanVAEConfig(
     dim_mult=(1, 2, 2),
     num_res_blocks=1,
     temperal_downsample=(True, True),
-    latents_mean=(0.0,) * 16,
-    latents_std=(1.0,) * 16,
-)  # fmt: skip  (placeholder)
+    # Measured by train_wan_tiny.py --stage latents (posterior means of 512 videos, per channel).
+    latents_mean=(
+        0.0048, -0.697, 0.1067, -0.2828, 0.0446, 0.1425, -0.0404, -0.3185,
+        -0.1713, -0.1343, 0.2719, -0.1677, 0.1195, -0.1035, 0.2321, 0.1482,
+    ),
+    latents_std=(
+        0.3788, 0.5739, 0.2616, 0.1717, 0.2399, 0.2184, 0.217, 0.4487,
+        0.3203, 0.2093, 0.245, 0.3128, 0.1439, 0.2593, 0.2771, 0.1176,
+    ),
+)  # fmt: skip
 
 #####  official <-> diffusers key names  #####
 
