@@ -27,7 +27,9 @@ CAPTIONS = [
     "a white square moving up on a gray background",
 ]
 SEEDS = (1234, 5678)
-MIN_PSNR = 28.0  # dB, global; measured at τ 0.05 on prompts/tiny_captions.txt × 2 seeds: 33.5 to 43.1, mean 39.3
+# Global PSNR (dB) floor for the cached videos; measured at τ 0.05 on prompts/tiny_captions.txt × 2 seeds:
+# 33.5 to 43.1 dB, mean 39.3.
+MIN_PSNR = 28.0
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,8 @@ def test_backgrounds_follow_the_prompt_with_and_without_cache(graded):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 7: the shipped DiT is partially trained (4,000 steps); it does not yet draw coherent shapes "
-    "or motion. Strict: once a retrained checkpoint meets the targets, remove this marker.",
+    reason="issue 7: the shipped DiT is partially trained (4,000 steps); it does not yet draw coherent "
+    "shapes or motion. Strict: once a retrained checkpoint meets the targets, remove this marker.",
 )
 def test_meets_the_prompt_following_targets(graded):
     acc, _, _ = graded
