@@ -37,27 +37,6 @@ MODERATE = HunyuanVideoConfig(
 )
 
 
-def diffusers_kwargs(cfg: HunyuanVideoConfig) -> dict:
-    """The diffusers constructor arguments for the same architecture."""
-    return dict(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_attention_heads=cfg.heads_num,
-        attention_head_dim=cfg.head_dim,
-        num_layers=cfg.mm_double_blocks_depth,
-        num_single_layers=cfg.mm_single_blocks_depth,
-        num_refiner_layers=2,
-        mlp_ratio=cfg.mlp_width_ratio,
-        patch_size=cfg.patch_size[1],
-        patch_size_t=cfg.patch_size[0],
-        guidance_embeds=cfg.guidance_embed,
-        text_embed_dim=cfg.text_states_dim,
-        pooled_projection_dim=cfg.text_states_dim_2,
-        rope_theta=cfg.rope_theta,
-        rope_axes_dim=cfg.rope_dim_list,
-    )
-
-
 def build_models(cfg: HunyuanVideoConfig, device: str, dtype: torch.dtype):
     """diffusers model with random weights (allocated once, in `dtype`); ours shares or fuses its tensors."""
     from diffusers import HunyuanVideoTransformer3DModel
@@ -65,7 +44,7 @@ def build_models(cfg: HunyuanVideoConfig, device: str, dtype: torch.dtype):
 
     logging.set_verbosity_error()  # its warning about .to(dtype) concerns fp32-kept modules; it has none
     with torch.device("meta"):
-        ref = HunyuanVideoTransformer3DModel(**diffusers_kwargs(cfg)).to(dtype)
+        ref = HunyuanVideoTransformer3DModel(**cfg.diffusers_kwargs()).to(dtype)
     ref = ref.to_empty(device=device).eval().requires_grad_(False)  # no fp32 copy of a 13B model
     with torch.no_grad():
         for p in ref.parameters():  # zero-initialised gates would make most of the model a no-op

@@ -81,20 +81,7 @@ def build_models(cfg: WanConfig, device: str, dtype: torch.dtype):
     from diffusers.utils import logging
 
     logging.set_verbosity_error()  # its warning about .to(dtype) is handled below, as from_pretrained does
-    ref = WanTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        eps=cfg.eps,
-        image_dim=1280 if cfg.model_type == "i2v" else None,
-        added_kv_proj_dim=cfg.dim if cfg.model_type == "i2v" else None,
-    )
+    ref = WanTransformer3DModel(**cfg.diffusers_kwargs())
     with torch.device("meta"):
         ours = WanModel(cfg)
     load_strict(ours, convert_diffusers_to_official(ref.state_dict()), source="diffusers weights")

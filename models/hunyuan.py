@@ -126,6 +126,27 @@ class HunyuanVideoConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_width_ratio)
 
+    def diffusers_kwargs(self) -> dict:
+        """The constructor arguments of diffusers' `HunyuanVideoTransformer3DModel` for the same architecture
+        (the parity tests and the benchmark build their reference with them)."""
+        return dict(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            num_attention_heads=self.heads_num,
+            attention_head_dim=self.head_dim,
+            num_layers=self.mm_double_blocks_depth,
+            num_single_layers=self.mm_single_blocks_depth,
+            num_refiner_layers=TOKEN_REFINER_DEPTH,
+            mlp_ratio=self.mlp_width_ratio,
+            patch_size=self.patch_size[1],
+            patch_size_t=self.patch_size[0],
+            guidance_embeds=self.guidance_embed,
+            text_embed_dim=self.text_states_dim,
+            pooled_projection_dim=self.text_states_dim_2,
+            rope_theta=self.rope_theta,
+            rope_axes_dim=self.rope_dim_list,
+        )
+
 
 # Official HUNYUAN_VIDEO_CONFIG["HYVideo-T/2-cfgdistill"]: the tencent/HunyuanVideo weights (540p and 720p).
 HUNYUAN_CONFIGS = {"t2v-720p": HunyuanVideoConfig(guidance_embed=True)}

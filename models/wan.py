@@ -96,6 +96,27 @@ class WanConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def diffusers_kwargs(self) -> dict:
+        """The constructor arguments of diffusers' `WanTransformer3DModel` for the same architecture (the
+        parity tests and the benchmark build their reference with them); i2v adds the CLIP image branch."""
+        i2v = self.model_type == "i2v"
+        return dict(
+            patch_size=self.patch_size,
+            num_attention_heads=self.num_heads,
+            attention_head_dim=self.head_dim,
+            in_channels=self.in_dim,
+            out_channels=self.out_dim,
+            text_dim=self.text_dim,
+            freq_dim=self.freq_dim,
+            ffn_dim=self.ffn_dim,
+            num_layers=self.num_layers,
+            cross_attn_norm=self.cross_attn_norm,
+            qk_norm="rms_norm_across_heads" if self.qk_norm else None,
+            eps=self.eps,
+            image_dim=1280 if i2v else None,  # open-clip ViT-H/14 width
+            added_kv_proj_dim=self.dim if i2v else None,
+        )
+
     @classmethod
     def from_json(cls, path: str) -> WanConfig:
         """Read the official `config.json` (which omits patch_size, text_dim, qk_norm, cross_attn_norm and
@@ -250,21 +271,15 @@ class WanSelfAttention(nn.Module):
         return self.o(out.flatten(-2).to(self.o.weight.dtype))  # [B, L, D]
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(WanSelfAttention):
     """Cross-attention to the text tokens (no key mask: padded rows take part, as upstream) and, for i2v,
-    a second attention to the CLIP image tokens with its own k/v, summed before the output projection."""
+    a second attention to the CLIP image tokens with its own k/v, summed before the output projection.
+    The same q/k/v/o and QK norms as self-attention (upstream subclasses it too), without RoPE."""
 
     def __init__(
         self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, image: bool = False
     ):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, qk_norm, eps)
         if image:
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)

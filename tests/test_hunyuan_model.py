@@ -54,23 +54,7 @@ def models():
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(0)
-    ref = HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=128,
-        num_layers=2,
-        num_single_layers=2,
-        num_refiner_layers=2,
-        mlp_ratio=4.0,
-        patch_size=2,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=32,
-        pooled_projection_dim=16,
-        rope_theta=256.0,
-        rope_axes_dim=(16, 56, 56),
-    ).eval()
+    ref = HunyuanVideoTransformer3DModel(**TINY.diffusers_kwargs()).eval()
     randomize_(ref)
     ours = HunyuanVideoModel(TINY).eval()
     ours.load_state_dict(convert_diffusers_to_official(ref.state_dict(), TINY), strict=True)

@@ -80,11 +80,7 @@ def model_base(tmp_path_factory):
     DiT is a diffusers model (kept in transformer/, as in the community repo) converted to official names."""
     root = tmp_path_factory.mktemp("hunyuan-tiny-random")
     torch.manual_seed(0)
-    ref = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
-        num_single_layers=1, guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=24,
-        rope_axes_dim=(8, 12, 12),
-    )  # fmt: skip
+    ref = HunyuanVideoTransformer3DModel(**HunyuanVideoConfig(**TINY).diffusers_kwargs())
     with torch.no_grad():  # several parameters start at zero: make every one count
         for p in ref.parameters():
             p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.5))

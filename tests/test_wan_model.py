@@ -31,22 +31,7 @@ def _reference(cfg: WanConfig):
     """diffusers' model with the same architecture, every parameter random (several are zero/one at init)."""
     from diffusers import WanTransformer3DModel
 
-    ref = WanTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=cfg.eps,
-        image_dim=1280 if cfg.model_type == "i2v" else None,
-        added_kv_proj_dim=cfg.dim if cfg.model_type == "i2v" else None,
-    ).eval()
+    ref = WanTransformer3DModel(**cfg.diffusers_kwargs()).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in ref.named_parameters():
