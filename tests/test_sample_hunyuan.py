@@ -23,6 +23,7 @@ from easycache import EasyCacheConfig
 from easycache.video import read_video
 from models.hunyuan import CKPT_FILE, HunyuanVideoConfig, convert_diffusers_to_official
 from models.hunyuan_text import CROP_START_VIDEO, PROMPT_TEMPLATE_ENCODE_VIDEO
+from tests.checks import assert_identical_comparison
 
 PROMPT = "a red circle moving right on a blue background"
 OTHER = "a green square moving up on a black background"
@@ -192,12 +193,7 @@ def test_true_cfg_runs_two_named_branches(pipe):
 
 def test_compare_mode_with_thresh_zero(model_base, tmp_path):
     report = run(model_base, tmp_path / "c.mp4", "--compare", "--thresh", "0", "--no-lpips")
-    row = report["comparison"]["rows"][0]
-    assert row["psnr_global"] == "inf" and row["psnr_per_frame"] == "inf"
-    assert row["nfe_ratio"] == 1.0 and row["nfe_baseline"] == row["nfe_cached"] == 6
-    assert row["latent_mse"] == 0.0
-    for side in ("baseline", "cached"):
-        assert os.path.isfile(row["outputs"][side]["video"])
+    assert_identical_comparison(report, nfe=6)
 
 
 def test_save_path_is_a_folder_and_prompt_lists(model_base, tmp_path):

@@ -22,6 +22,7 @@ from easycache.video import read_video
 from models.opensora import STDiT3, STDiT3Config
 from models.opensora_vae import SDXL_VAE_CONFIG, OpenSoraVAE, OpenSoraVAEConfig, TemporalVAEConfig
 from models.solvers import opensora_timesteps
+from tests.checks import assert_identical_comparison
 
 PROMPT = "a cat walks on the beach"
 STEPS = 8
@@ -163,14 +164,7 @@ def test_skipped_steps_reuse_each_cfg_half_with_its_own_delta(pipe):
 
 def test_compare_mode_with_thresh_zero(ckpt, tmp_path):
     report = run(ckpt, tmp_path, "--compare", "--thresh", "0", "--no-lpips")
-    row = report["comparison"]["rows"][0]
-    assert (
-        row["psnr_global"] == "inf" and row["psnr_per_frame"] == "inf" and row["ssim"] == pytest.approx(1.0)
-    )
-    assert row["nfe_ratio"] == 1.0 and row["nfe_baseline"] == row["nfe_cached"] == STEPS
-    assert row["latent_mse"] == 0.0
-    for side in ("baseline", "cached"):
-        assert os.path.isfile(row["outputs"][side]["video"])
+    assert_identical_comparison(report, nfe=STEPS)
 
 
 def test_two_seconds_alias_gives_51_frames(ckpt, tmp_path):

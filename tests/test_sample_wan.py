@@ -18,6 +18,7 @@ from easycache.video import read_video
 from models.wan import WAN_CONFIGS, WanModel
 from models.wan_t5 import UMT5_TINY, convert_umt5_to_official
 from models.wan_vae import WAN_VAE_FILE, WAN_VAE_TINY, convert_diffusers_wan_vae_to_official
+from tests.checks import assert_identical_comparison
 from train_wan_tiny import build_text_encoder
 
 PROMPT = "a red circle moving right on a blue background"
@@ -83,14 +84,7 @@ def test_thresh_zero_is_bit_identical_to_no_cache(ckpt_dir, tmp_path):
 
 def test_compare_mode_with_thresh_zero(ckpt_dir, tmp_path):
     report = run(ckpt_dir, tmp_path / "c.mp4", "--compare", "--thresh", "0", "--no-lpips")
-    row = report["comparison"]["rows"][0]
-    assert (
-        row["psnr_global"] == "inf" and row["psnr_per_frame"] == "inf" and row["ssim"] == pytest.approx(1.0)
-    )
-    assert row["nfe_ratio"] == 1.0 and row["nfe_baseline"] == row["nfe_cached"] == 16
-    assert row["latent_mse"] == 0.0
-    for side in ("baseline", "cached"):
-        assert os.path.isfile(row["outputs"][side]["video"])
+    assert_identical_comparison(report, nfe=16)
 
 
 def test_prompt_list_writes_one_video_per_prompt(ckpt_dir, tmp_path):
