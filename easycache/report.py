@@ -80,11 +80,12 @@ def describe_cache(stats: dict | None) -> str:
     if stats is None:
         return "no cache"
     cfg = stats.get("config", {})
-    knobs = (
-        f"τ={cfg['thresh']} R={cfg['warmup']}"
-        if stats["method"] == "easycache"
-        else (f"n={cfg.get('interval')} R={cfg.get('warmup')}")
-    )
+    if stats["method"] == "easycache" and cfg["thresh"] == 0 and cfg["warmup"] == 0:
+        knobs = "τ=0 R=0 (--cache analyze: the uncached run with k_t recorded)"
+    elif stats["method"] == "easycache":
+        knobs = f"τ={cfg['thresh']} R={cfg['warmup']}"
+    else:
+        knobs = f"n={cfg.get('interval')} R={cfg.get('warmup')}"
     return (
         f"{stats['method']} {knobs}: computed {stats['num_computed']}/{stats['num_steps']} steps "
         f"(NFE ratio {stats['nfe_ratio']:.2f}x)"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from easycache.report import Stopwatch, write_json
+from easycache import EasyCache, EasyCacheConfig, StaticCache, StaticCacheConfig
+from easycache.report import Stopwatch, describe_cache, write_json
 from easycache.video import read_video, to_uint8_frames, write_video
 from models.loading import resolve_checkpoint
 from models.toy_videos import render
@@ -65,6 +66,26 @@ def test_stopwatch_accumulates():
         with sw.phase("dit"):
             sum(range(1000))
     assert sw["dit"] >= sw.last("dit") > 0 and sw["vae"] == 0.0
+
+
+def test_describe_cache_names_each_mode():
+    x = torch.zeros(1, 2)
+    labels = []
+    for cache in (
+        EasyCache(EasyCacheConfig(thresh=0.0, warmup=0), 3),  # what --cache analyze builds
+        EasyCache(EasyCacheConfig(thresh=0.05, warmup=1), 3),
+        StaticCache(StaticCacheConfig(interval=2, warmup=1), 3),
+    ):
+        for _ in range(3):
+            if cache.should_compute(len(cache.trace), x):
+                cache.update(x, {"cond": x + 1})
+            else:
+                cache.reuse(x)
+        labels.append(describe_cache(cache.stats))
+    assert labels[0].startswith("easycache τ=0 R=0 (--cache analyze") and "computed 3/3" in labels[0]
+    assert labels[1].startswith("easycache τ=0.05 R=1:")
+    assert labels[2].startswith("static n=2 R=1:")
+    assert describe_cache(None) == "no cache"
 
 
 def test_resolve_checkpoint_offline(tmp_path):
