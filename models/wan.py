@@ -141,10 +141,8 @@ WAN_T2V_1_3B = WanConfig(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12,
 WAN_T2V_14B = WanConfig(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 WAN_I2V_14B = WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 # The embedded demo model (train_wan_tiny.py, checkpoints/wan-tiny): 64×64×17 videos -> 16×5×16×16 latents
-# -> 1×4×4 patches -> 80 tokens; its text encoder is a 64-wide umT5 over 16 tokens.
-WAN_TINY = WanConfig(
-    patch_size=(1, 4, 4), text_len=16, dim=192, ffn_dim=512, text_dim=64, num_heads=3, num_layers=6
-)
+# -> 1×2×2 patches (the official patch size) -> 320 tokens; its text encoder is a 64-wide umT5 over 16 tokens.
+WAN_TINY = WanConfig(text_len=16, dim=128, ffn_dim=384, text_dim=64, num_heads=2, num_layers=6)
 
 # The 480P and 720P I2V checkpoints share one DiT architecture (they differ only in weights).
 WAN_CONFIGS = {
