@@ -82,7 +82,7 @@ def train_vae(args) -> None:
         rng.bit_generator.state, step = state["rng"], state["step"]
         torch.set_rng_state(state["torch_rng"])
     captions = all_captions()
-    stop = args.vae_stop or args.vae_steps  # the cosine schedule stays --vae_steps long either way
+    stop = args.vae_stop  # the cosine schedule stays --vae_steps long either way
     bar = tqdm(range(step, stop), initial=step, total=args.vae_steps, desc="vae")
     for step in bar:
         # Short warm-up, then cosine decay; above ~5e-4 this architecture's training oscillates.
@@ -330,6 +330,8 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--out_dir", default="checkpoints/wan-tiny")
     args = p.parse_args()
+    if not 0 < args.vae_stop <= args.vae_steps:
+        p.error(f"--vae_stop must be in 1..--vae_steps ({args.vae_steps}), got {args.vae_stop}")
     os.makedirs(args.work_dir, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
