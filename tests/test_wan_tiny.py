@@ -28,7 +28,7 @@ CAPTIONS = [
 ]
 SEEDS = (1234, 5678)
 # Global PSNR (dB) floor for the cached videos; measured at τ 0.05 on prompts/tiny_captions.txt × 2 seeds:
-# 30.6 to 51.0 dB, mean 43.2.
+# 35.6 to 47.7 dB, mean 43.2 (9,000-step checkpoint).
 MIN_PSNR = 28.0
 
 
@@ -62,23 +62,23 @@ def graded(pipe):
 
 
 @pytest.mark.slow
-def test_colours_and_backgrounds_follow_the_prompt_with_and_without_cache(graded):
+def test_colours_backgrounds_and_motion_follow_the_prompt_with_and_without_cache(graded):
     acc, _, _ = graded
     for run in ("off", "on"):
         assert acc[run]["background"] >= 0.95 and acc[run]["colour"] >= 0.95, acc
+        assert acc[run]["direction"] >= 0.9, acc
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 7: the shipped DiT (4,500 steps on 2 CPU cores) draws the right colours and backgrounds "
-    "but not yet the shapes or the motion. Strict: once a retrained checkpoint meets the targets, remove "
-    "this marker.",
+    reason="issue 7: the shipped DiT (9,000 steps on 2 CPU cores) draws the right colours, backgrounds and "
+    "motion but not yet the shapes (blobs the detector reads as circles). Strict: once a retrained "
+    "checkpoint meets the target, remove this marker.",
 )
-def test_meets_the_shape_and_motion_targets(graded):
+def test_meets_the_shape_target(graded):
     acc, _, _ = graded
     for run in ("off", "on"):
-        assert acc[run]["direction"] >= 0.9, acc
         assert acc[run]["shape"] >= 0.9, acc
 
 
