@@ -221,8 +221,8 @@ def init_wan(model: WanModel) -> None:
 
 def dit_lr(step: int, args) -> float:
     """Cosine with warm restarts (SGDR): `--dit_cycles` cycles of `--dit_steps` steps, each with a 500-step
-    warm-up and a peak `--dit_lr_decay` times the last one's. The first cycle's anneal is where colour is
-    learned; shape and motion keep improving through a second, lower cycle (see checkpoints/README.md)."""
+    warm-up and a peak `--dit_lr_decay` times the last one's. Colour is learned in the first cycle; motion
+    only in the anneal of a second, lower one (56% -> 94%; shape did not move, see checkpoints/README.md)."""
     cycle, t = divmod(step, args.dit_steps)
     warm = min(1.0, (t + 1) / 500)
     return args.dit_lr * args.dit_lr_decay**cycle * warm * 0.5 * (1 + math.cos(math.pi * t / args.dit_steps))
