@@ -64,6 +64,11 @@ def save_state(path: str, **state) -> None:
     os.replace(tmp, path)  # never leave a half-written checkpoint behind
 
 
+def warm_cosine(step: int, steps: int, peak: float, warmup: int) -> float:
+    """The lr at `step`: a linear warm-up over `warmup` steps times a cosine from `peak` to 0 at `steps`."""
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Stage 1: VAE
 # ----------------------------------------------------------------------------------------------------------
@@ -88,7 +93,7 @@ def train_vae(args) -> None:
     bar = tqdm(range(step, stop), initial=step, total=args.vae_steps, desc="vae")
     for step in bar:
         # Short warm-up, then cosine decay; above ~5e-4 this architecture's training oscillates.
-        lr = args.vae_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
+        lr = warm_cosine(step, args.vae_steps, args.vae_lr, warmup=100)
         for g in opt.param_groups:
             g["lr"] = lr
         # Short 9-frame windows first (half the cost), then whole 17-frame clips: the causal conv caches make
@@ -224,8 +229,7 @@ def dit_lr(step: int, args) -> float:
     warm-up and a peak `--dit_lr_decay` times the last one's. Colour is learned in the first cycle; motion
     only in the anneal of a second, lower one (56% -> 94%; shape did not move, see checkpoints/README.md)."""
     cycle, t = divmod(step, args.dit_steps)
-    warm = min(1.0, (t + 1) / 500)
-    return args.dit_lr * args.dit_lr_decay**cycle * warm * 0.5 * (1 + math.cos(math.pi * t / args.dit_steps))
+    return warm_cosine(t, args.dit_steps, args.dit_lr * args.dit_lr_decay**cycle, warmup=500)
 
 
 def train_dit(args) -> None:
