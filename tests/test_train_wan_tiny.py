@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from train_wan_tiny import dit_lr
+from train_wan_tiny import dit_lr, dit_shift, parse_shifts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,11 +34,26 @@ def test_restart_warms_up_to_a_lower_peak_and_anneals_to_zero():
     assert min(lr) > 0
 
 
+def test_one_shift_per_cycle_and_the_last_repeats():
+    args = argparse.Namespace(dit_steps=100, dit_shift=parse_shifts("3,3,1.5"))
+    assert [dit_shift(s, args) for s in (0, 99, 100, 199, 200, 299, 450)] == [3, 3, 3, 3, 1.5, 1.5, 1.5]
+    one = argparse.Namespace(dit_steps=100, dit_shift=parse_shifts("3"))
+    assert {dit_shift(s, one) for s in range(300)} == {3.0}  # the default: the shipped checkpoint's σ law
+
+
+@pytest.mark.parametrize("text", ["3,x", "3,0", "-1", ""])
+def test_bad_shifts_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_shifts(text)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--dit_cycles", "0"], "--dit_cycles and --dit_steps must be >= 1"),
         (["--vae_stop", "5000"], "--vae_stop must be in 1..--vae_steps"),
+        (["--dit_shift", "3,3,1.5"], "--dit_shift lists 3 shifts for 2 --dit_cycles"),
+        (["--dit_shift", "3,zero"], "expected comma-separated numbers"),
     ],
 )
 def test_bad_schedule_flags_fail_before_any_work(tmp_path, flags, message):
