@@ -280,9 +280,9 @@ def train_dit(args) -> None:
         # σ where the sampler goes: uniform u through the same shift as the tiny task's sampler
         # (sample_shift 3 puts half the steps above σ 0.75). A logit-normal σ (SD3) centred on 0.5 trains the
         # high-noise steps that decide colour, shape and motion ~10× too rarely: the layout came out wrong.
-        # A later cycle may take a smaller shift (`--dit_shift 3,3,1.5`: 26% of σ below 0.35, not 15%) for the
-        # low-noise steps that draw the outline: denoised from the true latent at σ 0.35, the 9,000-step DiT
-        # kept only 62% of the shapes.
+        # A later cycle may take a smaller shift (`--dit_shift 3,3,1.5`: 26% of σ below 0.35, not 15%) to
+        # train more of the low-noise steps that draw outlines. Tried for a third cycle: no better shapes
+        # (their loss from σ 0.35 on was the VAE's, not the DiT's; see checkpoints/README.md).
         u = torch.rand(len(idx), generator=gen, dtype=torch.float64)
         sigma = shift_sigmas(u, dit_shift(step, args)).float()
         s = sigma.view(-1, 1, 1, 1, 1)
