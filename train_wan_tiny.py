@@ -239,13 +239,13 @@ def dit_shift(step: int, args) -> float:
 
 
 def parse_shifts(text: str) -> list[float]:
-    """`--dit_shift`: "3" or "3,3,1.5" (one per cycle); every shift must be > 0."""
+    """`--dit_shift`: "3" or "3,3,1.5" (one per cycle); every shift must be finite and > 0."""
     try:
         shifts = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not all(v > 0 for v in shifts):
-        raise argparse.ArgumentTypeError(f"every shift must be > 0, got {text!r}")
+    if not all(0 < v < math.inf for v in shifts):  # inf would make every training σ NaN
+        raise argparse.ArgumentTypeError(f"every shift must be finite and > 0, got {text!r}")
     return shifts
 
 

@@ -41,7 +41,7 @@ def test_one_shift_per_cycle_and_the_last_repeats():
     assert {dit_shift(s, one) for s in range(300)} == {3.0}  # the default: the shipped checkpoint's σ law
 
 
-@pytest.mark.parametrize("text", ["3,x", "3,0", "-1", ""])
+@pytest.mark.parametrize("text", ["3,x", "3,0", "-1", "", "inf", "3,nan"])
 def test_bad_shifts_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_shifts(text)
