@@ -93,10 +93,8 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, yy: np.ndarray, xx: 
     return np.clip(0.5 - sdf, 0.0, 1.0)
 
 
-def render(caption: Caption | str, seed: int, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
-    """The video of `caption` for `seed`: uint8 [frames, size, size, 3] (position, size, speed vary)."""
-    cap = Caption.parse(caption) if isinstance(caption, str) else caption
-    cap.validate()
+def _frames(cap: Caption, seed: int, frames: int, size: int):
+    """Yield each frame's (cx, cy, r) and the pixel grid: the path every video of (caption, seed) follows."""
     rng = np.random.default_rng(seed)
     r = rng.uniform(0.12, 0.16) * size  # radius: 8-10 px at 64 px
     travel = rng.uniform(0.3, 0.4) * size  # distance covered over the clip
@@ -106,16 +104,37 @@ def render(caption: Caption | str, seed: int, frames: int = FRAMES, size: int = 
     along0 = rng.uniform(margin, size - margin - travel)
     across = rng.uniform(margin, size - margin)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    bg = np.array(BACKGROUNDS[cap.background], np.float32)
-    fg = np.array(COLOURS[cap.colour], np.float32)
-    video = np.empty((frames, size, size, 3), np.uint8)
     for f in range(frames):
         along = along0 + travel * f / (frames - 1)
         pos = along if (dx + dy) > 0 else size - along  # left/up run from the far side
         cx, cy = (pos, across) if dx else (across, pos)
+        yield cx, cy, r, yy, xx
+
+
+def _parse(caption: Caption | str) -> Caption:
+    cap = Caption.parse(caption) if isinstance(caption, str) else caption
+    cap.validate()
+    return cap
+
+
+def render(caption: Caption | str, seed: int, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
+    """The video of `caption` for `seed`: uint8 [frames, size, size, 3] (position, size, speed vary)."""
+    cap = _parse(caption)
+    bg = np.array(BACKGROUNDS[cap.background], np.float32)
+    fg = np.array(COLOURS[cap.colour], np.float32)
+    video = np.empty((frames, size, size, 3), np.uint8)
+    for f, (cx, cy, r, yy, xx) in enumerate(_frames(cap, seed, frames, size)):
         cover = _shape_mask(cap.shape, cx, cy, r, yy, xx)[..., None]
         video[f] = np.round(bg * (1 - cover) + fg * cover).astype(np.uint8)
     return video
+
+
+def coverage(caption: Caption | str, seed: int, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
+    """How much of each pixel of `render(caption, seed)` the shape covers, in [0, 1]: float32 [F, H, W]."""
+    cap = _parse(caption)
+    return np.stack(
+        [_shape_mask(cap.shape, cx, cy, r, yy, xx) for cx, cy, r, yy, xx in _frames(cap, seed, frames, size)]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

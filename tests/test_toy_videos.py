@@ -3,7 +3,17 @@
 import numpy as np
 import pytest
 
-from models.toy_videos import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, Caption, all_captions, detect, render
+from models.toy_videos import (
+    BACKGROUNDS,
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    Caption,
+    all_captions,
+    coverage,
+    detect,
+    render,
+)
 
 
 def test_grammar_and_parsing():
@@ -36,6 +46,23 @@ def test_render_is_deterministic_and_moves():
     assert a.shape == (17, 64, 64, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert not np.array_equal(a[0], a[-1])
+
+
+def test_coverage_is_what_render_paints():
+    # The training's loss weights (train_wan_tiny.latent_masks) come from coverage(): it must be the very
+    # shape render() draws, frame by frame, and nothing of the background.
+    for cap in all_captions()[::11]:
+        video, cover = render(cap, seed=5).astype(np.float32), coverage(cap, seed=5)
+        assert cover.shape == video.shape[:3] and cover.min() == 0 and cover.max() == 1
+        bg, fg = (
+            np.array(p[k], np.float32) for p, k in ((BACKGROUNDS, cap.background), (COLOURS, cap.colour))
+        )
+        assert np.array_equal(np.round(bg * (1 - cover[..., None]) + fg * cover[..., None]), video)
+    # Same seed, another shape: same place and size, different outline.
+    circle = coverage("a red circle moving up on a gray background", seed=8)
+    square = coverage("a red square moving up on a gray background", seed=8)
+    assert not np.array_equal(circle, square)
+    assert abs(circle.sum() - square.sum()) < 0.1 * circle.sum()  # "about the circle's area"
 
 
 def test_detector_reads_every_caption_of_the_grammar():
