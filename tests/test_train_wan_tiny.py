@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
-from train_wan_tiny import dit_lr, dit_shift, parse_shifts
+from models.toy_videos import coverage
+from train_wan_tiny import dit_lr, dit_shift, flow_loss, latent_masks, parse_shifts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +57,8 @@ def test_bad_shifts_are_refused(text):
         (["--vae_stop", "5000"], "--vae_stop must be in 1..--vae_steps"),
         (["--dit_shift", "3,3,1.5"], "--dit_shift lists 3 shifts for 2 --dit_cycles"),
         (["--dit_shift", "3,zero"], "expected comma-separated numbers"),
+        (["--dit_fg_weight", "-1"], "--dit_fg_weight must be finite and >= 0"),
+        (["--dit_fg_weight", "inf"], "--dit_fg_weight must be finite and >= 0"),
     ],
 )
 def test_bad_schedule_flags_fail_before_any_work(tmp_path, flags, message):
@@ -66,3 +71,55 @@ def test_bad_schedule_flags_fail_before_any_work(tmp_path, flags, message):
     )
     assert run.returncode == 2 and message in run.stderr
     assert not work.exists()  # nothing written
+
+
+def test_latent_masks_follow_the_shape_on_the_latent_grid():
+    caps = [
+        "a red circle moving right on a blue background",
+        "a white triangle moving up on a black background",
+    ]
+    masks = latent_masks(caps, [3, 4])
+    assert masks.shape == (2, 1, 5, 16, 16) and masks.dtype == torch.bool
+    for cap, seed, mask in zip(caps, [3, 4], masks[:, 0]):
+        cover = coverage(cap, seed) > 0  # [17, 64, 64]
+        # The Wan-VAE's causal time axis: latent frame 0 <- frame 0, latent frame k <- frames 4k-3 .. 4k.
+        for k, frames in enumerate([[0], *[range(4 * k - 3, 4 * k + 1) for k in range(1, 5)]]):
+            pixels = np.any(cover[list(frames)], axis=0)  # [64, 64]
+            grid = pixels.reshape(16, 4, 16, 4).any(axis=(1, 3))  # [16, 16]: touched latent pixels
+            ring = np.zeros_like(grid)  # one latent pixel more all round
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ring |= np.roll(np.roll(np.pad(grid, 1), dy, 0), dx, 1)[1:-1, 1:-1]
+            assert np.array_equal(mask[k].numpy(), ring)
+        assert 0.05 < mask.float().mean() < 0.5  # the shape and its ring, not the frame
+
+
+def test_flow_loss_weights_the_shape_and_stays_on_the_mse_scale():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 16, 5, 16, 16, generator=g), torch.randn(2, 16, 5, 16, 16, generator=g)
+    masks = torch.zeros(2, 1, 5, 16, 16, dtype=torch.bool)
+    masks[..., 4:8, 4:8] = True
+    plain = torch.nn.functional.mse_loss(pred, target)
+    assert flow_loss(pred, target, None, 0.0) == plain  # --dit_fg_weight 0: the shipped recipe's MSE
+    assert flow_loss(pred, target, masks, 0.0) == plain
+    assert torch.allclose(
+        flow_loss(target + 1.0, target, masks, 4.0), torch.tensor(1.0)
+    )  # uniform error -> MSE
+    inside, outside = target.clone(), target.clone()
+    inside[..., 4:8, 4:8] += 1.0  # the same error, on the shape or off it
+    outside[..., 8:12, 8:12] += 1.0
+    assert flow_loss(inside, target, masks, 4.0) == pytest.approx(
+        5 * flow_loss(outside, target, masks, 4.0).item()
+    )
+
+
+def test_fg_weight_needs_latents_with_masks(tmp_path):
+    # A latents.pt written before the masks existed: asking for the weight fails with what to do, at once.
+    torch.save({"latents": torch.zeros(2, 16, 5, 16, 16).half(), "caption": torch.zeros(2, dtype=torch.long),
+                "context": torch.zeros(2, 16, 64)}, tmp_path / "latents.pt")  # fmt: skip
+    args = argparse.Namespace(work_dir=str(tmp_path), dit_fg_weight=4.0)
+    from train_wan_tiny import train_dit
+
+    with pytest.raises(ValueError, match="has no shape masks"):
+        train_dit(args)
+    assert sorted(os.listdir(tmp_path)) == ["latents.pt"]  # nothing written
