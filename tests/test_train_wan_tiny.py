@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.toy_videos import coverage
-from train_wan_tiny import dit_lr, dit_shift, flow_loss, latent_masks, parse_shifts
+from train_wan_tiny import dit_lr, dit_shift, flow_loss, latent_masks, parse_shifts, train_dit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,8 +118,6 @@ def test_fg_weight_needs_latents_with_masks(tmp_path):
     torch.save({"latents": torch.zeros(2, 16, 5, 16, 16).half(), "caption": torch.zeros(2, dtype=torch.long),
                 "context": torch.zeros(2, 16, 64)}, tmp_path / "latents.pt")  # fmt: skip
     args = argparse.Namespace(work_dir=str(tmp_path), dit_fg_weight=4.0)
-    from train_wan_tiny import train_dit
-
     with pytest.raises(ValueError, match="has no shape masks"):
         train_dit(args)
     assert sorted(os.listdir(tmp_path)) == ["latents.pt"]  # nothing written
