@@ -35,6 +35,30 @@ FRAMES, SIZE = 17, 64  # 4n+1 frames for the Wan-VAE; the tiny VAE (4×4×4) mak
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """How big the shape is and how far it moves, each a (low, high) range as a fraction of the frame size."""
+
+    radius: tuple[float, float]
+    travel: tuple[float, float]
+
+    def validate(self, size: int = SIZE) -> None:
+        (r0, r1), (t0, t1) = self.radius, self.travel
+        if not (0 < r0 <= r1 and 0 <= t0 <= t1):
+            raise ValueError(f"radius and travel must be ordered (low, high) ranges > 0, got {self}")
+        if size - 2 * (1.45 * r1 * size + 1) - t1 * size < 0:  # the margin of _frames
+            raise ValueError(f"{self}: the largest shape on the longest travel leaves a {size}-px frame")
+
+
+# "small" is the geometry of the shipped checkpoint: its objects are 2-2.5 DiT tokens (8 px) across, and the
+# DiT never tied their outline to the shape word (checkpoints/README.md). "large" makes the outlines differ by
+# whole tokens (a radius of 13-15 px, over a shorter travel so that the shape stays in the frame).
+GEOMETRIES = {
+    "small": Geometry(radius=(0.12, 0.16), travel=(0.3, 0.4)),  # radius 8-10 px, travel 19-26 px at 64 px
+    "large": Geometry(radius=(0.2, 0.24), travel=(0.2, 0.26)),  # radius 13-15 px, travel 13-17 px
+}
+
+
+@dataclass(frozen=True)
 class Caption:
     colour: str
     shape: str
@@ -93,11 +117,15 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, yy: np.ndarray, xx: 
     return np.clip(0.5 - sdf, 0.0, 1.0)
 
 
-def _frames(cap: Caption, seed: int, frames: int, size: int):
+def _frames(cap: Caption, seed: int, frames: int, size: int, geometry: str):
     """Yield each frame's (cx, cy, r) and the pixel grid: the path every video of (caption, seed) follows."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown geometry {geometry!r}; choose one of {sorted(GEOMETRIES)}")
+    geo = GEOMETRIES[geometry]
+    geo.validate(size)
     rng = np.random.default_rng(seed)
-    r = rng.uniform(0.12, 0.16) * size  # radius: 8-10 px at 64 px
-    travel = rng.uniform(0.3, 0.4) * size  # distance covered over the clip
+    r = rng.uniform(*geo.radius) * size
+    travel = rng.uniform(*geo.travel) * size
     dx, dy = DIRECTIONS[cap.direction]
     margin = 1.45 * r + 1  # the triangle's apex reaches 1.4 r from its centre
     # Along the motion axis the shape starts so that it stays in the frame; across it, anywhere.
@@ -117,23 +145,31 @@ def _parse(caption: Caption | str) -> Caption:
     return cap
 
 
-def render(caption: Caption | str, seed: int, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
-    """The video of `caption` for `seed`: uint8 [frames, size, size, 3] (position, size, speed vary)."""
+def render(
+    caption: Caption | str, seed: int, frames: int = FRAMES, size: int = SIZE, geometry: str = "small"
+) -> np.ndarray:
+    """The video of `caption` for `seed`: uint8 [frames, size, size, 3] (position, size, speed vary within
+    `GEOMETRIES[geometry]`)."""
     cap = _parse(caption)
     bg = np.array(BACKGROUNDS[cap.background], np.float32)
     fg = np.array(COLOURS[cap.colour], np.float32)
     video = np.empty((frames, size, size, 3), np.uint8)
-    for f, (cx, cy, r, yy, xx) in enumerate(_frames(cap, seed, frames, size)):
+    for f, (cx, cy, r, yy, xx) in enumerate(_frames(cap, seed, frames, size, geometry)):
         cover = _shape_mask(cap.shape, cx, cy, r, yy, xx)[..., None]
         video[f] = np.round(bg * (1 - cover) + fg * cover).astype(np.uint8)
     return video
 
 
-def coverage(caption: Caption | str, seed: int, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
-    """How much of each pixel of `render(caption, seed)` the shape covers, in [0, 1]: float32 [F, H, W]."""
+def coverage(
+    caption: Caption | str, seed: int, frames: int = FRAMES, size: int = SIZE, geometry: str = "small"
+) -> np.ndarray:
+    """How much of each pixel of `render(caption, seed, ...)` the shape covers: float32 [F, H, W], 0..1."""
     cap = _parse(caption)
     return np.stack(
-        [_shape_mask(cap.shape, cx, cy, r, yy, xx) for cx, cy, r, yy, xx in _frames(cap, seed, frames, size)]
+        [
+            _shape_mask(cap.shape, cx, cy, r, yy, xx)
+            for cx, cy, r, yy, xx in _frames(cap, seed, frames, size, geometry)
+        ]
     )
 
 

@@ -7,8 +7,10 @@ from models.toy_videos import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,
+    GEOMETRIES,
     SHAPES,
     Caption,
+    Geometry,
     all_captions,
     coverage,
     detect,
@@ -65,10 +67,34 @@ def test_coverage_is_what_render_paints():
     assert abs(circle.sum() - square.sum()) < 0.1 * circle.sum()  # "about the circle's area"
 
 
-def test_detector_reads_every_caption_of_the_grammar():
+def test_large_geometry_draws_the_same_path_with_a_bigger_shape():
+    cap = "a blue triangle moving left on a black background"
+    small, large = coverage(cap, seed=9), coverage(cap, seed=9, geometry="large")
+    assert small.shape == large.shape == (17, 64, 64)
+    # Radius 13-15 px against 8-10: about (14 / 9)^2 = 2.4x the area, and still whole inside every frame.
+    assert 1.6 < large[0].sum() / small[0].sum() < 3.7
+    for cover in (small, large):
+        assert not cover[:, [0, -1], :].any() and not cover[:, :, [0, -1]].any()
+    xs = [np.average(np.arange(64), weights=f.sum(0)) for f in large]
+    assert xs[0] - xs[-1] > 0.2 * 64 - 1  # moves left, by at least the smallest travel (12.8 px)
+
+
+def test_geometry_errors():
+    with pytest.raises(ValueError, match="unknown geometry 'huge'"):
+        render("a red circle moving right on a blue background", 0, geometry="huge")
+    with pytest.raises(ValueError, match="leaves a 64-px frame"):
+        Geometry(radius=(0.2, 0.3), travel=(0.2, 0.3)).validate(64)
+    with pytest.raises(ValueError, match="ordered"):
+        Geometry(radius=(0.2, 0.1), travel=(0.2, 0.3)).validate(64)
+    for geometry in GEOMETRIES.values():
+        geometry.validate(64)
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_detector_reads_every_caption_of_the_grammar(geometry):
     wrong = []
     for i, cap in enumerate(all_captions()):
-        got = detect(render(cap, seed=10_000 + i))
+        got = detect(render(cap, seed=10_000 + i, geometry=geometry))
         want = {
             "colour": cap.colour,
             "shape": cap.shape,
