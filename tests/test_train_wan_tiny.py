@@ -11,8 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from models.toy_videos import coverage
-from train_wan_tiny import dit_lr, dit_shift, flow_loss, latent_masks, parse_shifts, train_dit
+from models.toy_videos import Caption, coverage
+from train_wan_tiny import (
+    PROBE_CAPTIONS,
+    dit_lr,
+    dit_shift,
+    flow_loss,
+    latent_masks,
+    make_latents,
+    parse_shifts,
+    steering,
+    swap_word,
+    train_dit,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,7 +128,59 @@ def test_fg_weight_needs_latents_with_masks(tmp_path):
     # A latents.pt written before the masks existed: asking for the weight fails with what to do, at once.
     torch.save({"latents": torch.zeros(2, 16, 5, 16, 16).half(), "caption": torch.zeros(2, dtype=torch.long),
                 "context": torch.zeros(2, 16, 64)}, tmp_path / "latents.pt")  # fmt: skip
-    args = argparse.Namespace(work_dir=str(tmp_path), dit_fg_weight=4.0)
+    args = argparse.Namespace(work_dir=str(tmp_path), dit_fg_weight=4.0, shapes="small")
     with pytest.raises(ValueError, match="has no shape masks"):
         train_dit(args)
     assert sorted(os.listdir(tmp_path)) == ["latents.pt"]  # nothing written
+
+
+def test_shapes_must_match_the_latents(tmp_path):
+    # latents.pt is made once per work dir: --shapes large on a small data set (or one older than the flag,
+    # which holds small shapes) fails before anything is trained or overwritten.
+    torch.save({"latents": torch.zeros(2, 16, 5, 16, 16).half(), "caption": torch.zeros(2, dtype=torch.long),
+                "context": torch.zeros(2, 16, 64)}, tmp_path / "latents.pt")  # fmt: skip
+    before = (tmp_path / "latents.pt").read_bytes()
+    args = argparse.Namespace(work_dir=str(tmp_path), dit_fg_weight=0.0, shapes="large")
+    with pytest.raises(ValueError, match="holds the 'small' shapes, not the 'large'"):
+        train_dit(args)
+    with pytest.raises(ValueError, match="holds the 'small' shapes"):
+        make_latents(args)
+    assert sorted(os.listdir(tmp_path)) == ["latents.pt"] and (tmp_path / "latents.pt").read_bytes() == before
+
+
+def test_swap_word_changes_one_attribute_to_a_valid_caption():
+    for cap in PROBE_CAPTIONS:
+        for attribute in ("colour", "shape", "direction", "background"):
+            other = swap_word(cap, attribute)
+            other.validate()
+            changed = [
+                k
+                for k in ("colour", "shape", "direction", "background")
+                if getattr(other, k) != getattr(cap, k)
+            ]
+            assert changed == [attribute]
+    # "white on blue" -> the next colour, blue, would be invisible on blue: skipped to the one after.
+    assert swap_word(Caption("green", "circle", "down", "blue"), "colour").colour == "yellow"
+
+
+def test_steering_is_one_for_a_dit_that_follows_the_text_and_zero_for_one_that_does_not():
+    g = torch.Generator().manual_seed(1)
+    z_a, z_b, noise = (torch.randn(3, 16, 5, 4, 4, generator=g) for _ in range(3))
+    ctx_a, ctx_b, null = (torch.full((3, 16, 64), v) for v in (1.0, 2.0, 0.0))
+    target = {1.0: z_a, 2.0: z_b, 0.0: 0.5 * (z_a + z_b)}  # what each caption "means" in latent space
+
+    def oracle(x_t, t, ctx):  # the exact velocity toward the latent its caption names
+        return noise - target[ctx[0, 0, 0].item()]
+
+    def blind(x_t, t, ctx):  # a DiT that reads only the noisy latent
+        return x_t * 0.3
+
+    for sigma in (0.3, 0.9):
+        follows = steering(oracle, z_a, z_b, ctx_a, ctx_b, null, noise, sigma, guide=5.0)
+        ignores = steering(blind, z_a, z_b, ctx_a, ctx_b, null, noise, sigma, guide=5.0)
+        assert follows.shape == (3,) and torch.allclose(follows, torch.ones(3), atol=1e-5)
+        assert torch.equal(ignores, torch.zeros(3))
+    # A DiT that swaps the two captions' meanings moves x0 the wrong way: -1.
+    target = {1.0: z_b, 2.0: z_a, 0.0: 0.5 * (z_a + z_b)}
+    swapped = steering(oracle, z_a, z_b, ctx_a, ctx_b, null, noise, 0.5, guide=1.0)
+    assert torch.allclose(swapped, -torch.ones(3), atol=1e-5)
