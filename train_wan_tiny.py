@@ -18,7 +18,8 @@ for 2 cosine cycles of 4,500 steps: ~4.4 h in all, so run it in the background; 
 defaults are the shipped checkpoint's: the VAE stops at step 2,700 of its 4,000-step schedule (`--vae_stop`),
 the DiT runs `--dit_cycles 2` (the second cycle, at half the peak lr, is where motion was learned: 56->94%).
 `--dit_fg_weight` (default 0: the shipped plain MSE) weights the loss on the shape's latent pixels, an
-experiment towards learning shapes (see checkpoints/README.md).
+experiment towards learning shapes (see checkpoints/README.md). `--shapes large` (default small: the shipped
+data) renders the DiT's videos with shapes of radius 13-15 px instead of 8-10 px: the next experiment.
 """
 
 from __future__ import annotations
@@ -384,7 +385,7 @@ def train_dit(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Probe: does the DiT take each attribute from the caption? (a one-minute signal, no sampling, no detector)
+# Probe: does the DiT take each attribute from the caption? (a two-minute signal, no sampling, no detector)
 # ------------------------------------------------------------------------------------------------------------
 PROBE_CAPTIONS = (  # one base caption per colour, shape, direction and background
     Caption("red", "circle", "right", "blue"),
@@ -428,6 +429,9 @@ def steering(dit, z_a, z_b, ctx_a, ctx_b, ctx_null, noise, sigma: float, guide: 
 
 def probe(args) -> dict:
     """Mean `steering` per attribute and σ of the EMA DiT in --work_dir, on PROBE_CAPTIONS × 3 seeds."""
+    for name, stage in (("latents.pt", "latents"), ("vae_state.pt", "vae"), ("dit_state.pt", "dit")):
+        if not os.path.exists(os.path.join(args.work_dir, name)):
+            raise FileNotFoundError(f"--stage probe needs {args.work_dir}/{name}: run --stage {stage} first")
     data = torch.load(os.path.join(args.work_dir, "latents.pt"), weights_only=False)
     check_geometry(data, os.path.join(args.work_dir, "latents.pt"), args.shapes)
     state = torch.load(os.path.join(args.work_dir, "dit_state.pt"), weights_only=False)

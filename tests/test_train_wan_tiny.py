@@ -20,6 +20,7 @@ from train_wan_tiny import (
     latent_masks,
     make_latents,
     parse_shifts,
+    probe,
     steering,
     swap_word,
     train_dit,
@@ -184,3 +185,10 @@ def test_steering_is_one_for_a_dit_that_follows_the_text_and_zero_for_one_that_d
     target = {1.0: z_b, 2.0: z_a, 0.0: 0.5 * (z_a + z_b)}
     swapped = steering(oracle, z_a, z_b, ctx_a, ctx_b, null, noise, 0.5, guide=1.0)
     assert torch.allclose(swapped, -torch.ones(3), atol=1e-5)
+
+
+def test_probe_names_the_missing_stage(tmp_path):
+    args = argparse.Namespace(work_dir=str(tmp_path), shapes="small", seed=0, probe_guide=5.0)
+    with pytest.raises(FileNotFoundError, match="needs .*latents.pt: run --stage latents first"):
+        probe(args)
+    assert os.listdir(tmp_path) == []
