@@ -51,7 +51,13 @@ from models.toy_videos import (
 )
 from models.wan import WAN_CONFIGS, WanModel
 from models.wan_t5 import UMT5_TINY, convert_umt5_to_official
-from models.wan_vae import WAN_VAE_FILE, WAN_VAE_TINY, WanVAEConfig, convert_diffusers_wan_vae_to_official
+from models.wan_vae import (
+    WAN_VAE_FILE,
+    WAN_VAE_TINY,
+    WanVAEConfig,
+    convert_diffusers_wan_vae_to_official,
+    convert_official_wan_vae,
+)
 
 # Tiny Wan-VAE: 4× temporal and 4× spatial downsampling, 16 latent channels (64×64×17 -> 16×5×16×16); its
 # latent mean/std (measured after training) live in models.wan_vae.WAN_VAE_TINY.
@@ -87,6 +93,44 @@ def warm_cosine(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Start from an earlier run (--init_from): fine-tune instead of training from the seed
+# ----------------------------------------------------------------------------------------------------------
+def init_from(args) -> None:
+    """Seed --work_dir from --init_from: the work dir of an earlier run or an exported checkpoint.
+
+    A work dir gives its `vae_state.pt` (model) and the EMA of its `dit_state.pt`; an exported checkpoint
+    (official layout, e.g. checkpoints/wan-tiny) its `Wan2.1_VAE.pth` and
+    `diffusion_pytorch_model.safetensors` (the EMA weights that export wrote): the same tensors. Written here:
+    vae_state.pt as a finished VAE run (step --vae_stop, no optimiser: the vae stage has nothing left to do)
+    and dit_state.pt as step 0 of a new DiT schedule, its model and EMA both the given DiT, with a fresh
+    optimiser. A state file already in --work_dir is kept: a fine-tune resumes from its own checkpoints like
+    any run.
+    """
+    from safetensors.torch import load_file
+
+    src = args.init_from
+    run_files = [os.path.join(src, f) for f in ("vae_state.pt", "dit_state.pt")]
+    export_files = [os.path.join(src, f) for f in (WAN_VAE_FILE, "diffusion_pytorch_model.safetensors")]
+    if all(map(os.path.isfile, run_files)):
+        vae = torch.load(run_files[0], weights_only=False)["model"]
+        dit = torch.load(run_files[1], weights_only=False)["ema"]
+    elif all(map(os.path.isfile, export_files)):
+        vae = convert_official_wan_vae(torch.load(export_files[0], weights_only=True))
+        dit = load_file(export_files[1])
+    else:
+        raise FileNotFoundError(
+            f"--init_from {src} is neither a work dir (vae_state.pt, dit_state.pt) nor an exported "
+            f"checkpoint ({WAN_VAE_FILE}, diffusion_pytorch_model.safetensors)"
+        )
+    WanModel(WAN_CONFIGS["tiny"]).load_state_dict(dit)  # strict: fail here, not after the latents stage
+    vae_path, dit_path = (os.path.join(args.work_dir, f) for f in ("vae_state.pt", "dit_state.pt"))
+    if not os.path.exists(vae_path):
+        save_state(vae_path, model=vae, step=args.vae_stop)
+    if not os.path.exists(dit_path):
+        save_state(dit_path, model=dit, ema=dit, step=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Stage 1: VAE
 # ----------------------------------------------------------------------------------------------------------
 def train_vae(args) -> None:
@@ -102,9 +146,11 @@ def train_vae(args) -> None:
     if os.path.exists(path):
         state = torch.load(path, weights_only=False)  # our own resume file
         vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        rng.bit_generator.state, step = state["rng"], state["step"]
-        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        if "opt" in state:  # absent in a state made by --init_from (a finished VAE, never resumed)
+            opt.load_state_dict(state["opt"])
+            rng.bit_generator.state = state["rng"]
+            torch.set_rng_state(state["torch_rng"])
     captions = all_captions()
     stop = args.vae_stop  # the cosine schedule stays --vae_steps long either way
     bar = tqdm(range(step, stop), initial=step, total=args.vae_steps, desc="vae")
@@ -337,9 +383,10 @@ def train_dit(args) -> None:
         state = torch.load(path, weights_only=False)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
         step = state["step"]
+        if "opt" in state:  # absent at step 0 of a fine-tune made by --init_from
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
     total = args.dit_steps * args.dit_cycles
     bar = tqdm(range(step, total), initial=step, total=total, desc="dit")
     for step in bar:
@@ -495,9 +542,27 @@ def export(args) -> None:
     )  # the official name (fp32 inside)
 
 
+STAGES = {"vae": train_vae, "latents": make_latents, "dit": train_dit, "export": export, "probe": probe}
+
+
+def parse_stages(text: str) -> list[str]:
+    """`--stage`: "all" (vae, latents, dit, export), one stage or a comma list, run in the order of STAGES."""
+    names = ["vae", "latents", "dit", "export"] if text == "all" else text.split(",")
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown}; choose from all, {', '.join(STAGES)}")
+    return [n for n in STAGES if n in names]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["vae", "latents", "dit", "export", "all", "probe"], default="all")
+    p.add_argument(
+        "--stage",
+        type=parse_stages,
+        default="all",
+        help=f"one of {', '.join(STAGES)}, a comma list of them (run in that order), or all "
+        "(vae,latents,dit,export)",
+    )
     p.add_argument("--work_dir", default="outputs/wan-tiny-train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_every", type=int, default=100)
@@ -533,6 +598,12 @@ def main() -> None:
     )
     p.add_argument("--cfg_dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument(
+        "--init_from",
+        default=None,
+        help="the work dir of an earlier run, or an exported checkpoint (checkpoints/wan-tiny), to fine-tune:"
+        " its VAE counts as trained, its (EMA) DiT starts a new --dit_steps schedule",
+    )
     p.add_argument("--out_dir", default="checkpoints/wan-tiny")
     p.add_argument("--probe_guide", type=float, default=5.0, help="CFG scale of --stage probe (sampler: 5)")
     args = p.parse_args()
@@ -547,16 +618,10 @@ def main() -> None:
     os.makedirs(args.work_dir, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
-    if args.stage in ("vae", "all"):
-        train_vae(args)
-    if args.stage in ("latents", "all"):
-        make_latents(args)
-    if args.stage in ("dit", "all"):
-        train_dit(args)
-    if args.stage in ("export", "all"):
-        export(args)
-    if args.stage == "probe":
-        probe(args)
+    if args.init_from:
+        init_from(args)
+    for stage in args.stage:  # in the order of STAGES
+        STAGES[stage](args)
     print(f"done in {time.time() - t0:.0f} s")
 
 

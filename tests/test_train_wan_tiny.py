@@ -14,12 +14,15 @@ import torch
 from models.toy_videos import Caption, coverage
 from train_wan_tiny import (
     PROBE_CAPTIONS,
+    VAE_ARCH,
     dit_lr,
     dit_shift,
     flow_loss,
+    init_from,
     latent_masks,
     make_latents,
     parse_shifts,
+    parse_stages,
     probe,
     steering,
     swap_word,
@@ -192,3 +195,103 @@ def test_probe_names_the_missing_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="needs .*latents.pt: run --stage latents first"):
         probe(args)
     assert os.listdir(tmp_path) == []
+
+
+def test_stages_run_in_pipeline_order():
+    assert parse_stages("all") == ["vae", "latents", "dit", "export"]
+    assert parse_stages("dit,latents") == ["latents", "dit"]  # a comma list runs in the pipeline's order
+    assert parse_stages("probe") == ["probe"]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"unknown stage\(s\) \['vea'\]"):
+        parse_stages("vae,vea")
+
+
+def tiny_run(work) -> tuple[dict, dict]:
+    """A work dir as the vae and dit stages leave it (random weights): (VAE state dict, DiT EMA)."""
+    from diffusers import AutoencoderKLWan
+
+    from models.wan import WAN_CONFIGS, WanModel
+    from models.wan_vae import WanVAEConfig
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**WanVAEConfig(**VAE_ARCH).diffusers_kwargs()).state_dict()
+    model, ema = WanModel(WAN_CONFIGS["tiny"]).state_dict(), WanModel(WAN_CONFIGS["tiny"]).state_dict()
+    os.makedirs(work, exist_ok=True)
+    torch.save({"model": vae, "opt": {}, "step": 2700}, os.path.join(work, "vae_state.pt"))
+    torch.save({"model": model, "ema": ema, "opt": {}, "step": 9000}, os.path.join(work, "dit_state.pt"))
+    return vae, ema
+
+
+def assert_fine_tune_start(work, vae: dict, dit: dict, vae_stop: int) -> None:
+    v, d = (torch.load(os.path.join(work, f), weights_only=False) for f in ("vae_state.pt", "dit_state.pt"))
+    assert v["step"] == vae_stop and "opt" not in v  # a finished VAE: the vae stage has nothing to do
+    assert d["step"] == 0 and "opt" not in d  # a new DiT schedule, fresh optimiser
+    for got, want in ((v["model"], vae), (d["model"], dit), (d["ema"], dit)):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_init_from_a_work_dir_takes_its_vae_and_the_dit_ema(tmp_path):
+    vae, ema = tiny_run(tmp_path / "base")
+    args = argparse.Namespace(init_from=str(tmp_path / "base"), work_dir=str(tmp_path / "ft"), vae_stop=2700)
+    os.makedirs(args.work_dir)
+    init_from(args)
+    assert_fine_tune_start(args.work_dir, vae, ema, 2700)
+
+
+def test_init_from_an_export_gives_the_same_start_as_its_work_dir(tmp_path):
+    from safetensors.torch import save_file
+
+    from models.wan_vae import WAN_VAE_FILE, convert_diffusers_wan_vae_to_official
+
+    vae, ema = tiny_run(tmp_path / "base")
+    export = tmp_path / "export"  # what --stage export writes of those states (official layout)
+    os.makedirs(export)
+    torch.save(convert_diffusers_wan_vae_to_official(vae), export / WAN_VAE_FILE)
+    save_file({k: v.contiguous() for k, v in ema.items()}, export / "diffusion_pytorch_model.safetensors")
+    args = argparse.Namespace(init_from=str(export), work_dir=str(tmp_path / "ft"), vae_stop=1234)
+    os.makedirs(args.work_dir)
+    init_from(args)
+    assert_fine_tune_start(args.work_dir, vae, ema, 1234)
+
+
+def test_init_from_keeps_the_work_dirs_own_states(tmp_path):
+    tiny_run(tmp_path / "base")
+    work = tmp_path / "ft"
+    vae, ema = tiny_run(work)  # a fine-tune under way: resume it, never restart it from --init_from
+    before = {f: (work / f).read_bytes() for f in ("vae_state.pt", "dit_state.pt")}
+    init_from(argparse.Namespace(init_from=str(tmp_path / "base"), work_dir=str(work), vae_stop=2700))
+    assert {f: (work / f).read_bytes() for f in before} == before
+
+
+def test_init_from_something_else_fails_and_writes_nothing(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "vae_state.pt").write_bytes(b"")  # half a work dir
+    args = argparse.Namespace(init_from=str(tmp_path / "src"), work_dir=str(tmp_path / "ft"), vae_stop=2700)
+    os.makedirs(args.work_dir)
+    with pytest.raises(FileNotFoundError, match="neither a work dir .* nor an exported checkpoint"):
+        init_from(args)
+    assert os.listdir(args.work_dir) == []
+
+
+def test_dit_fine_tune_starts_from_the_given_weights(tmp_path):
+    # One training step from an --init_from start: the optimiser is made fresh (the state has none), the
+    # model moves away from the given weights and the EMA follows from them (decay 1/10 at step 0).
+    _, ema = tiny_run(tmp_path / "base")
+    work = tmp_path / "ft"
+    os.makedirs(work)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 16, 5, 16, 16, generator=g).half()
+    data = {"latents": latents, "caption": torch.tensor([0, 1, 0, 1]),
+            "context": torch.randn(3, 16, 64, generator=g), "geometry": "large"}  # fmt: skip
+    torch.save(data, work / "latents.pt")
+    args = argparse.Namespace(
+        init_from=str(tmp_path / "base"), work_dir=str(work), vae_stop=2700, shapes="large", seed=0,
+        dit_fg_weight=0.0, dit_lr=5e-4, dit_steps=1, dit_cycles=1, dit_lr_decay=0.5, dit_batch=2,
+        dit_shift=[3.0], cfg_dropout=0.1, ema=0.999, save_every=100,
+    )  # fmt: skip
+    init_from(args)
+    train_dit(args)
+    state = torch.load(work / "dit_state.pt", weights_only=False)
+    assert state["step"] == 1 and "opt" in state
+    assert max((state["model"][k] - ema[k]).abs().max().item() for k in ema) > 0
+    for k in ema:
+        torch.testing.assert_close(state["ema"][k] - ema[k], 0.9 * (state["model"][k] - ema[k]))
