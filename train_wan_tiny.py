@@ -11,15 +11,18 @@ Stages (each resumable; run them in order, or `--stage all`):
 The text encoder is a tiny umT5 with random weights (built from the seed, never trained) and a word-level
 tokenizer over the caption grammar: it only has to give each word a distinct, stable embedding.
 
-    python train_wan_tiny.py --stage all --work_dir outputs/wan-tiny-train
+The shipped checkpoint is two runs: a base run on the small shapes (this script's defaults), then a
+fine-tune of its DiT on large shapes (radius 13-15 px instead of 8-10: outlines that differ by whole DiT
+tokens), with the base VAE:
 
-On 2 CPU cores: VAE ~1.2 s/step (55 min for the 2,700 steps it runs), latents ~5 min, DiT ~1.3 s/step (3.4 h
-for 2 cosine cycles of 4,500 steps: ~4.4 h in all, so run it in the background; every stage resumes). The
-defaults are the shipped checkpoint's: the VAE stops at step 2,700 of its 4,000-step schedule (`--vae_stop`),
-the DiT runs `--dit_cycles 2` (the second cycle, at half the peak lr, is where motion was learned: 56->94%).
-`--dit_fg_weight` (default 0: the shipped plain MSE) weights the loss on the shape's latent pixels, an
-experiment towards learning shapes (see checkpoints/README.md). `--shapes large` (default small: the shipped
-data) renders the DiT's videos with shapes of radius 13-15 px instead of 8-10 px: the next experiment.
+    python train_wan_tiny.py --stage vae,latents,dit --work_dir outputs/wan-tiny-small
+    python train_wan_tiny.py --stage all --shapes large --init_from outputs/wan-tiny-small \
+        --work_dir outputs/wan-tiny-large --dit_steps 4500 --dit_cycles 1
+
+On 2 CPU cores: VAE ~1.2 s/step (55 min for the 2,700 steps it runs), latents ~5 min, DiT ~1.2-1.3 s/step
+(3.4 h for the base run's 2 cosine cycles of 4,500 steps, 1.5 h for the fine-tune's one): ~6 h in all, so run
+it in the background; every stage resumes. `--dit_fg_weight` (default 0: the shipped plain MSE) weights the
+loss on the shape's latent pixels, an experiment that did not help (see checkpoints/README.md).
 """
 
 from __future__ import annotations
@@ -460,7 +463,7 @@ def steering(dit, z_a, z_b, ctx_a, ctx_b, ctx_null, noise, sigma: float, guide: 
     change z_b − z_a, both from the same noisy latent of a (x_t = (1 − σ) z_a + σ noise): one per video [B].
 
     1 when the DiT moves x0 exactly along the data's change for that word, ~0 when it ignores the word (the
-    shape word of the shipped small-shape checkpoint: 0.11 at σ 0.5, against 0.75 for colour and 0.89 for
+    shape word of the base run's small-shape checkpoint: 0.11 at σ 0.5, against 0.75 for colour and 0.89 for
     background). The x0 are CFG predictions (v = u + g (c − u), x0 = x_t − σ v, as the sampler uses them).
     Read it for words that keep the object where it is (colour, shape, background): for the same seed a
     new direction moves the whole path, which x_t already fixes, so a DiT that follows directions (94% by
@@ -578,8 +581,8 @@ def main() -> None:
         "--shapes",
         choices=sorted(GEOMETRIES),
         default="small",
-        help="geometry of the DiT's videos (models.toy_videos.GEOMETRIES; shipped: small); the VAE always "
-        "trains on small ones and reconstructs large ones too",
+        help="geometry of the DiT's videos (models.toy_videos.GEOMETRIES; shipped: the base run small, its "
+        "fine-tune large); the VAE always trains on small ones and reconstructs large ones too",
     )
     p.add_argument("--videos_per_caption", type=int, default=32)
     p.add_argument("--dit_steps", type=int, default=4500)

@@ -49,9 +49,10 @@ class Geometry:
             raise ValueError(f"{self}: the largest shape on the longest travel leaves a {size}-px frame")
 
 
-# "small" is the geometry of the shipped checkpoint: its objects are 2-2.5 DiT tokens (8 px) across, and the
-# DiT never tied their outline to the shape word (checkpoints/README.md). "large" makes the outlines differ by
-# whole tokens (a radius of 13-15 px, over a shorter travel so that the shape stays in the frame).
+# "small" is the geometry of the VAE's training data and of the shipped DiT's base run: its objects are 2-2.5
+# DiT tokens (8 px) across, and that DiT never tied their outline to the shape word (checkpoints/README.md).
+# "large" makes the outlines differ by whole tokens (a radius of 13-15 px, over a shorter travel so that the
+# shape stays in the frame): the shipped DiT was fine-tuned on it.
 GEOMETRIES = {
     "small": Geometry(radius=(0.12, 0.16), travel=(0.3, 0.4)),  # radius 8-10 px, travel 19-26 px at 64 px
     "large": Geometry(radius=(0.2, 0.24), travel=(0.2, 0.26)),  # radius 13-15 px, travel 13-17 px

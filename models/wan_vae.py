@@ -89,14 +89,15 @@ WAN_VAE_TINY = WanVAEConfig(
     dim_mult=(1, 2, 2),
     num_res_blocks=1,
     temperal_downsample=(True, True),
-    # Measured by train_wan_tiny.py --stage latents (posterior means of 512 videos, per channel).
+    # Measured by train_wan_tiny.py --stage latents --shapes large (posterior means of 512 videos of the
+    # shipped DiT's fine-tuning data, per channel).
     latents_mean=(
-        0.0048, -0.697, 0.1067, -0.2828, 0.0446, 0.1425, -0.0404, -0.3185,
-        -0.1713, -0.1343, 0.2719, -0.1677, 0.1195, -0.1035, 0.2321, 0.1482,
+        -0.0733, -0.5645, 0.0717, -0.2338, 0.0006, 0.1, 0.0213, -0.1735,
+        -0.2176, -0.1257, 0.2381, -0.101, 0.1078, -0.0826, 0.1861, 0.1342,
     ),
     latents_std=(
-        0.3788, 0.5739, 0.2616, 0.1717, 0.2399, 0.2184, 0.217, 0.4487,
-        0.3203, 0.2093, 0.245, 0.3128, 0.1439, 0.2593, 0.2771, 0.1176,
+        0.5056, 0.788, 0.3423, 0.2455, 0.3328, 0.2531, 0.316, 0.6771,
+        0.4121, 0.2472, 0.3072, 0.4348, 0.1594, 0.3043, 0.329, 0.1391,
     ),
 )  # fmt: skip
 
