@@ -521,6 +521,16 @@ def export(args) -> None:
     from safetensors.torch import save_file
 
     out = args.out_dir
+    # Check before writing anything: a refused export must leave the checkpoint in --out_dir as it was.
+    stats = torch.load(os.path.join(args.work_dir, "latents.pt"), weights_only=False)["stats"]
+    vae, vae_cfg = load_vae(args, stats)
+    if vae_cfg != WAN_VAE_TINY:  # the sample script builds the VAE from this constant, as for the real one
+        raise ValueError(
+            "set models.wan_vae.WAN_VAE_TINY's statistics to the measured ones, then export again (they now "
+            "hold the large-shape fine-tune's: the base run of the shipped recipe is --stage "
+            "vae,latents,dit, without export):\n"
+            f"    latents_mean={vae_cfg.latents_mean},\n    latents_std={vae_cfg.latents_std},"
+        )
     os.makedirs(os.path.join(out, "google", "umt5-xxl"), exist_ok=True)
     dit = torch.load(os.path.join(args.work_dir, "dit_state.pt"), weights_only=False)["ema"]
     save_file(
@@ -529,13 +539,6 @@ def export(args) -> None:
     cfg = dataclasses.asdict(WAN_CONFIGS["tiny"])
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({"_class_name": "WanModel", **cfg}, f, indent=2)
-    stats = torch.load(os.path.join(args.work_dir, "latents.pt"), weights_only=False)["stats"]
-    vae, vae_cfg = load_vae(args, stats)
-    if vae_cfg != WAN_VAE_TINY:  # the sample script builds the VAE from this constant, as for the real one
-        raise ValueError(
-            "set models.wan_vae.WAN_VAE_TINY's statistics to the measured ones, then export again:\n"
-            f"    latents_mean={vae_cfg.latents_mean},\n    latents_std={vae_cfg.latents_std},"
-        )
     torch.save(convert_diffusers_wan_vae_to_official(vae.state_dict()), os.path.join(out, WAN_VAE_FILE))
     tokenizer, t5 = build_text_encoder(args.seed)
     tokenizer.save_pretrained(os.path.join(out, "google", "umt5-xxl"))

@@ -17,6 +17,7 @@ from train_wan_tiny import (
     VAE_ARCH,
     dit_lr,
     dit_shift,
+    export,
     flow_loss,
     init_from,
     latent_masks,
@@ -295,3 +296,16 @@ def test_dit_fine_tune_starts_from_the_given_weights(tmp_path):
     assert max((state["model"][k] - ema[k]).abs().max().item() for k in ema) > 0
     for k in ema:
         torch.testing.assert_close(state["ema"][k] - ema[k], 0.9 * (state["model"][k] - ema[k]))
+
+
+def test_export_with_other_latent_statistics_fails_and_writes_nothing(tmp_path):
+    # WAN_VAE_TINY must hold the statistics the DiT was trained with (the sample script builds the VAE from
+    # it): a work dir measured on other data is refused before anything in --out_dir is touched.
+    tiny_run(tmp_path)
+    stats = {"mean": [0.0] * 16, "std": [1.0] * 16}
+    torch.save({"stats": stats}, tmp_path / "latents.pt")
+    out = tmp_path / "export"
+    args = argparse.Namespace(work_dir=str(tmp_path), out_dir=str(out), seed=0)
+    with pytest.raises(ValueError, match="set models.wan_vae.WAN_VAE_TINY's statistics"):
+        export(args)
+    assert not out.exists()
