@@ -52,7 +52,7 @@ from models.toy_videos import (
     coverage,
     render,
 )
-from models.wan import WAN_CONFIGS, WanModel
+from models.wan import WAN_CONFIGS, WEIGHTS, WanModel
 from models.wan_t5 import UMT5_TINY, convert_umt5_to_official
 from models.wan_vae import (
     WAN_VAE_FILE,
@@ -65,6 +65,7 @@ from models.wan_vae import (
 # Tiny Wan-VAE: 4× temporal and 4× spatial downsampling, 16 latent channels (64×64×17 -> 16×5×16×16); its
 # latent mean/std (measured after training) live in models.wan_vae.WAN_VAE_TINY.
 VAE_ARCH = dict(base_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True))
+DIT_FILE = f"{WEIGHTS}.safetensors"  # the exported DiT, named as the official 1.3B's
 
 
 def log(work_dir: str, name: str, record: dict) -> None:
@@ -113,7 +114,7 @@ def init_from(args) -> None:
 
     src = args.init_from
     run_files = [os.path.join(src, f) for f in ("vae_state.pt", "dit_state.pt")]
-    export_files = [os.path.join(src, f) for f in (WAN_VAE_FILE, "diffusion_pytorch_model.safetensors")]
+    export_files = [os.path.join(src, f) for f in (WAN_VAE_FILE, DIT_FILE)]
     if all(map(os.path.isfile, run_files)):
         vae = torch.load(run_files[0], weights_only=False)["model"]
         dit = torch.load(run_files[1], weights_only=False)["ema"]
@@ -123,7 +124,7 @@ def init_from(args) -> None:
     else:
         raise FileNotFoundError(
             f"--init_from {src} is neither a work dir (vae_state.pt, dit_state.pt) nor an exported "
-            f"checkpoint ({WAN_VAE_FILE}, diffusion_pytorch_model.safetensors)"
+            f"checkpoint ({WAN_VAE_FILE}, {DIT_FILE})"
         )
     WanModel(WAN_CONFIGS["tiny"]).load_state_dict(dit)  # strict: fail here, not after the latents stage
     vae_path, dit_path = (os.path.join(args.work_dir, f) for f in ("vae_state.pt", "dit_state.pt"))
@@ -533,9 +534,7 @@ def export(args) -> None:
         )
     os.makedirs(os.path.join(out, "google", "umt5-xxl"), exist_ok=True)
     dit = torch.load(os.path.join(args.work_dir, "dit_state.pt"), weights_only=False)["ema"]
-    save_file(
-        {k: v.contiguous() for k, v in dit.items()}, os.path.join(out, "diffusion_pytorch_model.safetensors")
-    )
+    save_file({k: v.contiguous() for k, v in dit.items()}, os.path.join(out, DIT_FILE))
     cfg = dataclasses.asdict(WAN_CONFIGS["tiny"])
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({"_class_name": "WanModel", **cfg}, f, indent=2)

@@ -244,11 +244,11 @@ def test_init_from_an_export_gives_the_same_start_as_its_work_dir(tmp_path):
     from models.wan_vae import WAN_VAE_FILE, convert_diffusers_wan_vae_to_official
 
     vae, ema = tiny_run(tmp_path / "base")
-    export = tmp_path / "export"  # what --stage export writes of those states (official layout)
-    os.makedirs(export)
-    torch.save(convert_diffusers_wan_vae_to_official(vae), export / WAN_VAE_FILE)
-    save_file({k: v.contiguous() for k, v in ema.items()}, export / "diffusion_pytorch_model.safetensors")
-    args = argparse.Namespace(init_from=str(export), work_dir=str(tmp_path / "ft"), vae_stop=1234)
+    exported = tmp_path / "export"  # what --stage export writes of those states (official layout)
+    os.makedirs(exported)
+    torch.save(convert_diffusers_wan_vae_to_official(vae), exported / WAN_VAE_FILE)
+    save_file({k: v.contiguous() for k, v in ema.items()}, exported / "diffusion_pytorch_model.safetensors")
+    args = argparse.Namespace(init_from=str(exported), work_dir=str(tmp_path / "ft"), vae_stop=1234)
     os.makedirs(args.work_dir)
     init_from(args)
     assert_fine_tune_start(args.work_dir, vae, ema, 1234)
