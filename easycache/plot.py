@@ -29,6 +29,16 @@ def traces_of(report: dict) -> list[tuple[str, list[dict], dict | None]]:
 
 
 def plot_trace(trace: list[dict], stats: dict | None, title: str, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig = trace_figure(trace, stats, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def trace_figure(trace: list[dict], stats: dict | None, title: str):
+    """The two-panel matplotlib figure of one run's trace (the caller saves and closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -55,7 +65,7 @@ def plot_trace(trace: list[dict], stats: dict | None, title: str, path: str) -> 
         pts = [(r["step"], r[key]) for r in trace if r[key] is not None]
         if pts:
             ax_e.plot(*zip(*pts), style, ms=4, label=label)
-    if "thresh" in cfg:
+    if cfg.get("thresh"):  # τ = 0 is --cache analyze (every step computed): no threshold to draw
         ax_e.axhline(cfg["thresh"], color="r", ls="--", lw=1, label=f"τ = {cfg['thresh']}")
     ymin = ax_e.get_ylim()[0]
     ax_e.scatter([s for s, c in zip(steps, computed) if c], [ymin] * sum(computed), marker="|", color="k",
@@ -65,9 +75,7 @@ def plot_trace(trace: list[dict], stats: dict | None, title: str, path: str) -> 
     ax_e.legend(fontsize=8)
     n = sum(computed)
     ax_k.set_title(f"{title}\n{n}/{len(trace)} steps computed", fontsize=9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:

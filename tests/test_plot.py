@@ -8,7 +8,7 @@ import torch
 from easycache import make_cache
 from easycache.cli import cache_config
 from easycache.plot import main as plot_main
-from easycache.plot import traces_of
+from easycache.plot import trace_figure, traces_of
 from tests.test_baselines import parse
 
 
@@ -50,6 +50,19 @@ def test_plot_writes_a_png_for_each_report_layout(tmp_path):
         png = (tmp_path / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert [label for label, _, _ in traces_of(listed)] == ["p", "q"]
+
+
+def test_threshold_line_only_where_the_run_had_a_threshold():
+    def labels(cfg):
+        cache = run_cache(cfg)
+        fig = trace_figure(cache.trace, cache.stats, "t")
+        _, names = fig.axes[1].get_legend_handles_labels()
+        fig.clf()
+        return names
+
+    assert "τ = 0.2" in labels(cache_config(parse("--thresh", "0.2", "--warmup", "3")))
+    analyze = labels(cache_config(parse("--cache", "analyze")))  # τ = 0: every step computed, no threshold
+    assert not [n for n in analyze if n.startswith("τ")] and "accumulated E_t" in analyze
 
 
 def test_plot_refuses_a_report_without_trace(tmp_path):
