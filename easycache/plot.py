@@ -29,9 +29,9 @@ def traces_of(report: dict) -> list[tuple[str, list[dict], dict | None]]:
 
 
 def plot_trace(trace: list[dict], stats: dict | None, title: str, path: str) -> str:
+    fig = trace_figure(trace, stats, title)  # selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
 
-    fig = trace_figure(trace, stats, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
