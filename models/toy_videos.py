@@ -36,26 +36,36 @@ FRAMES, SIZE = 17, 64  # 4n+1 frames for the Wan-VAE; the tiny VAE (4×4×4) mak
 
 @dataclass(frozen=True)
 class Geometry:
-    """How big the shape is and how far it moves, each a (low, high) range as a fraction of the frame size."""
+    """How big the shape is and how far it moves, each a (low, high) range as a fraction of the frame size;
+    `square`: the square's half side in units of r (the circle's radius, the triangle's scale)."""
 
     radius: tuple[float, float]
     travel: tuple[float, float]
+    square: float = 0.85
 
     def validate(self, size: int = SIZE) -> None:
         (r0, r1), (t0, t1) = self.radius, self.travel
         if not (0 < r0 <= r1 and 0 <= t0 <= t1):
             raise ValueError(f"radius and travel must be ordered (low, high) ranges > 0, got {self}")
+        if not 0 < self.square <= 1.4:  # 1.4 r: the margin of _frames below
+            raise ValueError(f"square must be a half side in (0, 1.4] radii, got {self.square}")
         if size - 2 * (1.45 * r1 * size + 1) - t1 * size < 0:  # the margin of _frames
             raise ValueError(f"{self}: the largest shape on the longest travel leaves a {size}-px frame")
 
 
 # "small" is the geometry of the VAE's training data and of the shipped DiT's base run: its objects are 2-2.5
 # DiT tokens (8 px) across, and that DiT never tied their outline to the shape word (checkpoints/README.md).
-# "large" makes the outlines differ by whole tokens (a radius of 13-15 px, over a shorter travel so that the
-# shape stays in the frame): the shipped DiT was fine-tuned on it.
+# The large shapes make the outlines differ by whole tokens (a radius of 13-15 px, over a shorter travel so
+# that the shape stays in the frame). "large-v1" keeps the small geometry's square (half side 0.85 r, about
+# the circle's area): a DiT fine-tuned on it drew squares with round corners, the two shapes being nearly the
+# same blob to second order (per-axis spread 0.24 r² and 0.25 r²). "large" draws the square with half side r
+# (27% more area than the circle, spread 0.33 r²), which the DiT tells apart; the shipped DiT was fine-tuned
+# on "large-v1", then on "large" (checkpoints/README.md).
+_LARGE = dict(radius=(0.2, 0.24), travel=(0.2, 0.26))  # radius 13-15 px, travel 13-17 px at 64 px
 GEOMETRIES = {
-    "small": Geometry(radius=(0.12, 0.16), travel=(0.3, 0.4)),  # radius 8-10 px, travel 19-26 px at 64 px
-    "large": Geometry(radius=(0.2, 0.24), travel=(0.2, 0.26)),  # radius 13-15 px, travel 13-17 px
+    "small": Geometry(radius=(0.12, 0.16), travel=(0.3, 0.4)),  # radius 8-10 px, travel 19-26 px
+    "large-v1": Geometry(**_LARGE, square=0.85),
+    "large": Geometry(**_LARGE, square=1.0),
 }
 
 
@@ -105,25 +115,32 @@ def all_captions() -> list[Caption]:
     return [c for c in caps if c.colour != c.background]
 
 
-def _shape_mask(shape: str, cx: float, cy: float, r: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] from a signed distance (in pixels) to the shape's outline."""
+def _shape_mask(
+    shape: str, cx: float, cy: float, r: float, yy: np.ndarray, xx: np.ndarray, square: float
+) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] from a signed distance (in pixels) to the shape's outline; `square` is
+    the square's half side in radii (`Geometry.square`)."""
     dx, dy = xx - cx, yy - cy
     if shape == "circle":
         sdf = np.sqrt(dx * dx + dy * dy) - r
     elif shape == "square":
-        sdf = np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r  # about the circle's area
+        sdf = np.maximum(np.abs(dx), np.abs(dy)) - square * r
     else:  # an upright equilateral triangle (apex up; image y points down) with inradius 0.7 r
         edges = [(0.0, 1.0), (math.sqrt(3) / 2, -0.5), (-math.sqrt(3) / 2, -0.5)]  # outward edge normals
         sdf = np.max([nx * dx + ny * dy for nx, ny in edges], axis=0) - 0.7 * r
     return np.clip(0.5 - sdf, 0.0, 1.0)
 
 
-def _frames(cap: Caption, seed: int, frames: int, size: int, geometry: str):
-    """Yield each frame's (cx, cy, r) and the pixel grid: the path every video of (caption, seed) follows."""
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"unknown geometry {geometry!r}; choose one of {sorted(GEOMETRIES)}")
-    geo = GEOMETRIES[geometry]
+def _geometry(name: str, size: int) -> Geometry:
+    if name not in GEOMETRIES:
+        raise ValueError(f"unknown geometry {name!r}; choose one of {sorted(GEOMETRIES)}")
+    geo = GEOMETRIES[name]
     geo.validate(size)
+    return geo
+
+
+def _frames(cap: Caption, seed: int, frames: int, size: int, geo: Geometry):
+    """Yield each frame's (cx, cy, r) and the pixel grid: the path every video of (caption, seed) follows."""
     rng = np.random.default_rng(seed)
     r = rng.uniform(*geo.radius) * size
     travel = rng.uniform(*geo.travel) * size
@@ -155,8 +172,9 @@ def render(
     bg = np.array(BACKGROUNDS[cap.background], np.float32)
     fg = np.array(COLOURS[cap.colour], np.float32)
     video = np.empty((frames, size, size, 3), np.uint8)
-    for f, (cx, cy, r, yy, xx) in enumerate(_frames(cap, seed, frames, size, geometry)):
-        cover = _shape_mask(cap.shape, cx, cy, r, yy, xx)[..., None]
+    geo = _geometry(geometry, size)
+    for f, (cx, cy, r, yy, xx) in enumerate(_frames(cap, seed, frames, size, geo)):
+        cover = _shape_mask(cap.shape, cx, cy, r, yy, xx, geo.square)[..., None]
         video[f] = np.round(bg * (1 - cover) + fg * cover).astype(np.uint8)
     return video
 
@@ -166,10 +184,11 @@ def coverage(
 ) -> np.ndarray:
     """How much of each pixel of `render(caption, seed, ...)` the shape covers: float32 [F, H, W], 0..1."""
     cap = _parse(caption)
+    geo = _geometry(geometry, size)
     return np.stack(
         [
-            _shape_mask(cap.shape, cx, cy, r, yy, xx)
-            for cx, cy, r, yy, xx in _frames(cap, seed, frames, size, geometry)
+            _shape_mask(cap.shape, cx, cy, r, yy, xx, geo.square)
+            for cx, cy, r, yy, xx in _frames(cap, seed, frames, size, geo)
         ]
     )
 

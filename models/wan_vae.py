@@ -90,14 +90,14 @@ WAN_VAE_TINY = WanVAEConfig(
     num_res_blocks=1,
     temperal_downsample=(True, True),
     # Measured by train_wan_tiny.py --stage latents --shapes large (posterior means of 512 videos of the
-    # shipped DiT's fine-tuning data, per channel).
+    # shipped DiT's last fine-tuning data, squares of half side r, per channel).
     latents_mean=(
-        -0.0733, -0.5645, 0.0717, -0.2338, 0.0006, 0.1, 0.0213, -0.1735,
-        -0.2176, -0.1257, 0.2381, -0.101, 0.1078, -0.0826, 0.1861, 0.1342,
+        -0.0897, -0.5377, 0.066, -0.2232, -0.0092, 0.0914, 0.0339, -0.1421,
+        -0.2272, -0.1243, 0.2316, -0.0872, 0.1048, -0.0783, 0.1757, 0.1316,
     ),
     latents_std=(
-        0.5056, 0.788, 0.3423, 0.2455, 0.3328, 0.2531, 0.316, 0.6771,
-        0.4121, 0.2472, 0.3072, 0.4348, 0.1594, 0.3043, 0.329, 0.1391,
+        0.5256, 0.818, 0.3534, 0.2574, 0.3483, 0.2584, 0.3307, 0.7145,
+        0.4273, 0.254, 0.3164, 0.4542, 0.1633, 0.3109, 0.3389, 0.1422,
     ),
 )  # fmt: skip
 

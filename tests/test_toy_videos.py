@@ -64,7 +64,32 @@ def test_coverage_is_what_render_paints():
     circle = coverage("a red circle moving up on a gray background", seed=8)
     square = coverage("a red square moving up on a gray background", seed=8)
     assert not np.array_equal(circle, square)
-    assert abs(circle.sum() - square.sum()) < 0.1 * circle.sum()  # "about the circle's area"
+    assert abs(circle.sum() - square.sum()) < 0.1 * circle.sum()  # small: about the circle's area
+
+
+def test_large_square_has_half_side_r_and_large_v1_the_old_square():
+    # "large" draws the square with half side r, 4 / pi = 1.27x the circle's area (the lever that made the
+    # DiT tell them apart); "large-v1" is the data set of the shipped recipe's second stage, square 0.85 r.
+    circle, square = (
+        coverage(f"a red {s} moving up on a gray background", 8, geometry="large") for s in SHAPES[:2]
+    )
+    old_circle, old = (
+        coverage(f"a red {s} moving up on a gray background", 8, geometry="large-v1") for s in SHAPES[:2]
+    )
+    assert np.array_equal(circle, old_circle)
+    assert 1.22 < square.sum() / circle.sum() < 1.32
+    assert 0.7 < old.sum() / circle.sum() < 0.98  # (2 * 0.85)^2 / pi = 0.92
+    side = square[0].sum(1).max()  # widest row: the side, 2 r with r 13-15 px
+    assert 25 < side < 31
+
+    # Second moments (per-axis spread, in px^2) tell the large square from the circle, the old one barely.
+    def spread(cover):
+        f = cover[0]
+        ys = np.arange(64)[:, None]
+        return float((f * (ys - np.average(ys[:, 0], weights=f.sum(1))) ** 2).sum() / f.sum())
+
+    assert spread(square) > 1.25 * spread(circle)
+    assert abs(spread(old) - spread(circle)) < 0.06 * spread(circle)
 
 
 def test_large_geometry_draws_the_same_path_with_a_bigger_shape():
@@ -86,6 +111,8 @@ def test_geometry_errors():
         Geometry(radius=(0.2, 0.3), travel=(0.2, 0.3)).validate(64)
     with pytest.raises(ValueError, match="ordered"):
         Geometry(radius=(0.2, 0.1), travel=(0.2, 0.3)).validate(64)
+    with pytest.raises(ValueError, match="half side"):
+        Geometry(radius=(0.1, 0.1), travel=(0.2, 0.3), square=1.5).validate(64)
     for geometry in GEOMETRIES.values():
         geometry.validate(64)
 
