@@ -171,12 +171,8 @@ def render(
     cap = _parse(caption)
     bg = np.array(BACKGROUNDS[cap.background], np.float32)
     fg = np.array(COLOURS[cap.colour], np.float32)
-    video = np.empty((frames, size, size, 3), np.uint8)
-    geo = _geometry(geometry, size)
-    for f, (cx, cy, r, yy, xx) in enumerate(_frames(cap, seed, frames, size, geo)):
-        cover = _shape_mask(cap.shape, cx, cy, r, yy, xx, geo.square)[..., None]
-        video[f] = np.round(bg * (1 - cover) + fg * cover).astype(np.uint8)
-    return video
+    cover = coverage(cap, seed, frames, size, geometry)[..., None]  # [F, H, W, 1]
+    return np.round(bg * (1 - cover) + fg * cover).astype(np.uint8)
 
 
 def coverage(
