@@ -58,14 +58,17 @@ class Geometry:
 # The large shapes make the outlines differ by whole tokens (a radius of 13-15 px, over a shorter travel so
 # that the shape stays in the frame). "large-v1" keeps the small geometry's square (half side 0.85 r, about
 # the circle's area): a DiT fine-tuned on it drew squares with round corners, the two shapes being nearly the
-# same blob to second order (per-axis spread 0.24 r² and 0.25 r²). "large" draws the square with half side r
-# (27% more area than the circle, spread 0.33 r²), which the DiT tells apart; the shipped DiT was fine-tuned
-# on "large-v1", then on "large" (checkpoints/README.md).
+# same blob to second order (per-axis spread 0.24 r² and 0.25 r²). "large-v2" draws the square with half side
+# r (27% more area than the circle, spread 0.33 r²): fine-tuned on it the DiT drew half of its squares, the
+# rest still bulging. "large" makes it half side 1.2 r (1.83x the circle's area, spread 0.48 r²), which the
+# DiT draws square far more often; the shipped DiT was fine-tuned on the three in turn
+# (checkpoints/README.md).
 _LARGE = dict(radius=(0.2, 0.24), travel=(0.2, 0.26))  # radius 13-15 px, travel 13-17 px at 64 px
 GEOMETRIES = {
     "small": Geometry(radius=(0.12, 0.16), travel=(0.3, 0.4)),  # radius 8-10 px, travel 19-26 px
     "large-v1": Geometry(**_LARGE, square=0.85),
-    "large": Geometry(**_LARGE, square=1.0),
+    "large-v2": Geometry(**_LARGE, square=1.0),
+    "large": Geometry(**_LARGE, square=1.2),
 }
 
 
