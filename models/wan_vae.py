@@ -90,14 +90,14 @@ WAN_VAE_TINY = WanVAEConfig(
     num_res_blocks=1,
     temperal_downsample=(True, True),
     # Measured by train_wan_tiny.py --stage latents --shapes large (posterior means of 512 videos of the
-    # shipped DiT's last fine-tuning data, squares of half side r, per channel).
+    # shipped DiT's last fine-tuning data, squares of half side 1.2 r, per channel).
     latents_mean=(
-        -0.0897, -0.5377, 0.066, -0.2232, -0.0092, 0.0914, 0.0339, -0.1421,
-        -0.2272, -0.1243, 0.2316, -0.0872, 0.1048, -0.0783, 0.1757, 0.1316,
+        -0.1157, -0.4956, 0.0573, -0.2067, -0.0247, 0.0774, 0.0533, -0.0924,
+        -0.2423, -0.1226, 0.2211, -0.0656, 0.0997, -0.071, 0.1588, 0.1276,
     ),
     latents_std=(
-        0.5256, 0.818, 0.3534, 0.2574, 0.3483, 0.2584, 0.3307, 0.7145,
-        0.4273, 0.254, 0.3164, 0.4542, 0.1633, 0.3109, 0.3389, 0.1422,
+        0.5536, 0.8587, 0.3689, 0.2748, 0.3705, 0.2656, 0.3515, 0.7687,
+        0.4489, 0.2635, 0.329, 0.4813, 0.169, 0.3198, 0.3534, 0.1466,
     ),
 )  # fmt: skip
 
