@@ -305,17 +305,28 @@ def make_latents(args) -> None:
         context=context,
         stats=stats,
         geometry=args.shapes,
+        geometry_spec=dataclasses.asdict(GEOMETRIES[args.shapes]),
     )
 
 
 def check_geometry(data: dict, path: str, shapes: str) -> None:
     """A data set is made once per work dir: asking for other shapes than it holds is an error, not a reuse.
-    (Files made before `--shapes` existed hold the "small" geometry.)"""
+    The name is checked, and the geometry it stood for when the file was written (`geometry_spec`), since a
+    name can change meaning: "large" drew squares of half side 0.85 r, then r, now 1.2 r. (Files made before
+    `--shapes` existed hold the "small" geometry; files made before the spec was recorded hold none, which
+    is only ambiguous for "large".)"""
     held = data.get("geometry", "small")
     if held != shapes:
         raise ValueError(
             f"{path} holds the {held!r} shapes, not the {shapes!r} asked for by --shapes: use another "
             f"--work_dir (link its vae_state.pt) or --shapes {held}"
+        )
+    spec, now = data.get("geometry_spec"), dataclasses.asdict(GEOMETRIES[shapes])
+    if (spec is None and held == "large") or (spec is not None and spec != now):
+        raise ValueError(
+            f"{path} holds {held!r} shapes made as {spec or 'an older geometry (no spec recorded)'}, but "
+            f"GEOMETRIES[{held!r}] is now {now}: make the data set again in another --work_dir (link its "
+            "vae_state.pt)"
         )
 
 

@@ -2,6 +2,7 @@
 itself runs for hours and is never run by the tests)."""
 
 import argparse
+import dataclasses
 import math
 import os
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.toy_videos import Caption, coverage
+from models.toy_videos import GEOMETRIES, Caption, coverage
 from train_wan_tiny import (
     PROBE_CAPTIONS,
     VAE_ARCH,
@@ -153,6 +154,21 @@ def test_shapes_must_match_the_latents(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["latents.pt"] and (tmp_path / "latents.pt").read_bytes() == before
 
 
+def test_a_geometry_name_that_changed_meaning_is_refused(tmp_path):
+    # "large" drew squares of half side r before it drew them of 1.2 r: a data set written under the old
+    # meaning (its spec recorded, or no spec at all) is refused, under the same name, before any training.
+    old = dataclasses.asdict(dataclasses.replace(GEOMETRIES["large"], square=1.0))
+    args = argparse.Namespace(work_dir=str(tmp_path), dit_fg_weight=0.0, shapes="large")
+    for extra, message in (({"geometry_spec": old}, "'square': 1.0"), ({}, "no spec recorded")):
+        data = {"latents": torch.zeros(2, 16, 5, 16, 16).half(), "caption": torch.zeros(2, dtype=torch.long),
+                "context": torch.zeros(2, 16, 64), "geometry": "large"}  # fmt: skip
+        torch.save({**data, **extra}, tmp_path / "latents.pt")
+        for stage in (train_dit, make_latents):
+            with pytest.raises(ValueError, match=f"made as .*{message}.*GEOMETRIES\\['large'\\] is now"):
+                stage(args)
+        assert sorted(os.listdir(tmp_path)) == ["latents.pt"]
+
+
 def test_swap_word_changes_one_attribute_to_a_valid_caption():
     for cap in PROBE_CAPTIONS:
         for attribute in ("colour", "shape", "direction", "background"):
@@ -282,7 +298,8 @@ def test_dit_fine_tune_starts_from_the_given_weights(tmp_path):
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 16, 5, 16, 16, generator=g).half()
     data = {"latents": latents, "caption": torch.tensor([0, 1, 0, 1]),
-            "context": torch.randn(3, 16, 64, generator=g), "geometry": "large"}  # fmt: skip
+            "context": torch.randn(3, 16, 64, generator=g), "geometry": "large",
+            "geometry_spec": dataclasses.asdict(GEOMETRIES["large"])}  # fmt: skip
     torch.save(data, work / "latents.pt")
     args = argparse.Namespace(
         init_from=str(tmp_path / "base"), work_dir=str(work), vae_stop=2700, shapes="large", seed=0,
