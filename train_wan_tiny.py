@@ -4,6 +4,7 @@ Stages (each resumable; run them in order, or `--stage all`):
   vae      a tiny Wan-VAE (diffusers' AutoencoderKLWan, which the official weights load into), cropped clips
   latents  encode a fixed data set of videos (17 frames, 64×64) and their captions once
   dit      a tiny WanModel with rectified flow (v = noise − x0, as Wan), CFG dropout, weight EMA
+  decoder  fine-tune the VAE's decoder on whole clips of the DiT's shapes (L1, encoder frozen): sharp corners
   export   write checkpoints/wan-tiny/ in the official file layout, read by the loaders of the real weights
   probe    (not in "all") how far the DiT's x0 prediction follows each word of the caption: a two-minute
            signal during training, where the detector needs generated videos
@@ -15,7 +16,8 @@ The shipped checkpoint is six runs: a base run on the small shapes (this script'
 of its DiT, with the base VAE, on large shapes (radius 13-15 px instead of 8-10: outlines that differ by whole
 DiT tokens) whose square grows from run to run: "large-v1" (about the circle's area), "large-v2" (half side
 r, three cosine cycles), then "large" (half side 1.2 r). The DiT drew the first square round and half of the
-second one bulging (checkpoints/README.md):
+second one bulging (checkpoints/README.md). The last run's `--stage all` also fine-tunes the VAE's decoder on
+the large shapes (stage decoder): the base VAE, trained on crops of small ones, rounded the squares' corners.
 
     python train_wan_tiny.py --stage vae,latents,dit --work_dir outputs/wan-tiny-small
     python train_wan_tiny.py --stage latents,dit --shapes large-v1 --init_from outputs/wan-tiny-small \
@@ -32,9 +34,9 @@ second one bulging (checkpoints/README.md):
 The three large-v2 runs encode the same data set: link the first one's latents.pt into the next work dirs to
 skip the ~4 min. On 2 CPU cores: VAE ~1.2 s/step (55 min for the 2,700 steps it runs), latents ~4 min, DiT
 ~1.1-1.3 s/step (3.4 h for the base run's 2 cosine cycles of 4,500 steps, 1.5 h for the large-v1 fine-tune,
-1.6 h for the three large-v2 cycles, 41 min for the last): ~8 h in all, so run it in the background; every
-stage resumes. `--dit_fg_weight` (default 0: the shipped plain MSE) weights the loss on the shape's latent
-pixels, an experiment that did not help (see checkpoints/README.md).
+1.6 h for the three large-v2 cycles, 41 min for the last), decoder ~1.6 s/step (33 min): ~8.5 h in all, so
+run it in the background; every stage resumes. `--dit_fg_weight` (default 0: the shipped plain MSE) weights
+the loss on the shape's latent pixels, an experiment that did not help (see checkpoints/README.md).
 """
 
 from __future__ import annotations
@@ -85,12 +87,14 @@ def log(work_dir: str, name: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def video_batch(rng: np.random.Generator, captions: list, batch: int, frames: int) -> torch.Tensor:
+def video_batch(
+    rng: np.random.Generator, captions: list, batch: int, frames: int, geometry: str = "small"
+) -> torch.Tensor:
     """Random captions and seeds -> [B, 3, frames, H, W] in [-1, 1], a random window of each 17-frame clip."""
     out = []
     for _ in range(batch):
         cap = captions[rng.integers(len(captions))]
-        video = render(cap, seed=int(rng.integers(2**31)))
+        video = render(cap, seed=int(rng.integers(2**31)), geometry=geometry)
         start = int(rng.integers(FRAMES - frames + 1))
         out.append(torch.from_numpy(video[start : start + frames]))
     v = torch.stack(out).float().div(127.5).sub(1.0)  # [B, F, H, W, 3]
@@ -128,7 +132,7 @@ def init_from(args) -> None:
     run_files = [os.path.join(src, f) for f in ("vae_state.pt", "dit_state.pt")]
     export_files = [os.path.join(src, f) for f in (WAN_VAE_FILE, DIT_FILE)]
     if all(map(os.path.isfile, run_files)):
-        vae = torch.load(run_files[0], weights_only=False)["model"]
+        vae = vae_weights(src)  # with its fine-tuned decoder, as its export holds it
         dit = torch.load(run_files[1], weights_only=False)["ema"]
     elif all(map(os.path.isfile, export_files)):
         vae = convert_official_wan_vae(torch.load(export_files[0], weights_only=True))
@@ -240,8 +244,18 @@ def load_vae(args, stats: dict | None = None):
     mean, std = (tuple(stats["mean"]), tuple(stats["std"])) if stats else ((0.0,) * 16, (1.0,) * 16)
     cfg = WanVAEConfig(**VAE_ARCH, latents_mean=mean, latents_std=std)
     vae = AutoencoderKLWan(**cfg.diffusers_kwargs())
-    vae.load_state_dict(torch.load(os.path.join(args.work_dir, "vae_state.pt"), weights_only=False)["model"])
+    vae.load_state_dict(vae_weights(args.work_dir))
     return vae.eval().requires_grad_(False), cfg
+
+
+def vae_weights(work_dir: str, decoder: bool = True) -> dict:
+    """The work dir's VAE: `vae_state.pt`, with the decoder of `decoder_state.pt` over it once the decoder
+    stage has run (`decoder=False`: the VAE as the vae stage left it)."""
+    state = dict(torch.load(os.path.join(work_dir, "vae_state.pt"), weights_only=False)["model"])
+    path = os.path.join(work_dir, "decoder_state.pt")
+    if decoder and os.path.exists(path):
+        state.update(torch.load(path, weights_only=False)["model"])
+    return state
 
 
 @torch.no_grad()
@@ -539,7 +553,70 @@ def probe(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Stage 4: export in the official layout
+# Stage 4: the VAE's decoder, fine-tuned on the DiT's shapes
+# ------------------------------------------------------------------------------------------------------------
+def train_decoder(args) -> None:
+    """Fine-tune the decoder (post_quant_conv + decoder) on whole clips of --shapes, the encoder frozen.
+
+    The VAE stage trains on 32-48 px crops of small shapes with an MSE: it rounds the corners of the large
+    squares (their fill of the bounding box drops from 1 to 0.91-0.97), and the DiT's squares lose the rest of
+    the way to a circle. The encoder (and quant_conv) stay as they are, so latents.pt, its statistics and the
+    DiT trained on them stay valid; only the map from latents back to pixels sharpens. An L1 loss, since an
+    MSE is content to blur the few pixels of a corner. Written to `decoder_state.pt`, which load_vae (and so
+    export, probe and --init_from) puts over vae_state.pt's decoder.
+    """
+    path = os.path.join(args.work_dir, "decoder_state.pt")
+    spec = dataclasses.asdict(GEOMETRIES[args.shapes])
+    vae, _ = load_vae(args)  # with the decoder of decoder_state.pt when resuming
+    trained = {**dict(vae.post_quant_conv.named_parameters(prefix="post_quant_conv")),
+               **dict(vae.decoder.named_parameters(prefix="decoder"))}  # fmt: skip
+    for p in trained.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trained.values(), lr=args.dec_lr, weight_decay=0.0)
+    rng, step = np.random.default_rng([args.seed, 4]), 0  # a stream of its own, apart from the VAE's
+    if os.path.exists(path):
+        state = torch.load(path, weights_only=False)
+        if state["geometry_spec"] != spec:
+            raise ValueError(
+                f"{path} fine-tunes the decoder on {state['geometry_spec']}, not the --shapes {args.shapes} "
+                f"asked for ({spec}): use another --work_dir (link its vae_state.pt) or its --shapes"
+            )
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+    captions = all_captions()
+    bar = tqdm(range(step, args.dec_steps), initial=step, total=args.dec_steps, desc="decoder")
+    for step in bar:
+        lr = warm_cosine(step, args.dec_steps, args.dec_lr, warmup=50)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = video_batch(rng, captions, args.dec_batch, FRAMES, args.shapes)  # [B, 3, 17, 64, 64]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()  # [B, 16, 5, 16, 16], the latents the DiT learned
+        recon = vae.decode(z).sample
+        loss = (recon - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)
+        opt.step()
+        psnr = 10 * math.log10(4.0 / max(torch.nn.functional.mse_loss(recon.detach(), x).item(), 1e-10))
+        bar.set_postfix(l1=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+        log(args.work_dir, "decoder", {"step": step, "l1": loss.item(), "psnr": psnr, "lr": lr})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.dec_steps:
+            save_state(
+                path,
+                model={k: v.detach().clone() for k, v in trained.items()},
+                opt=opt.state_dict(),
+                rng=rng.bit_generator.state,
+                torch_rng=torch.get_rng_state(),
+                step=step + 1,
+                geometry_spec=spec,
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stage 5: export in the official layout
 # ------------------------------------------------------------------------------------------------------------
 def export(args) -> None:
     from safetensors.torch import save_file
@@ -570,12 +647,20 @@ def export(args) -> None:
     )  # the official name (fp32 inside)
 
 
-STAGES = {"vae": train_vae, "latents": make_latents, "dit": train_dit, "export": export, "probe": probe}
+STAGES = {
+    "vae": train_vae,
+    "latents": make_latents,
+    "dit": train_dit,
+    "decoder": train_decoder,
+    "export": export,
+    "probe": probe,
+}
 
 
 def parse_stages(text: str) -> list[str]:
-    """`--stage`: "all" (vae, latents, dit, export), one stage or a comma list, run in the order of STAGES."""
-    names = ["vae", "latents", "dit", "export"] if text == "all" else text.split(",")
+    """`--stage`: "all" (vae, latents, dit, decoder, export), one stage or a comma list, run in the order of
+    STAGES."""
+    names = ["vae", "latents", "dit", "decoder", "export"] if text == "all" else text.split(",")
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown}; choose from all, {', '.join(STAGES)}")
@@ -589,7 +674,7 @@ def main() -> None:
         type=parse_stages,
         default="all",
         help=f"one of {', '.join(STAGES)}, a comma list of them (run in that order), or all "
-        "(vae,latents,dit,export)",
+        "(vae,latents,dit,decoder,export)",
     )
     p.add_argument("--work_dir", default="outputs/wan-tiny-train")
     p.add_argument("--seed", type=int, default=0)
@@ -602,6 +687,9 @@ def main() -> None:
         "--vae_crop", type=int, default=32, help="crop size for the first 90%% of the VAE steps (then 48)"
     )
     p.add_argument("--vae_kl", type=float, default=1e-4, help="weight of the latent L2 (KL mean) term")
+    p.add_argument("--dec_steps", type=int, default=1200, help="decoder fine-tune steps (stage decoder)")
+    p.add_argument("--dec_batch", type=int, default=4)
+    p.add_argument("--dec_lr", type=float, default=2e-4)
     p.add_argument(
         "--shapes",
         choices=sorted(GEOMETRIES),

@@ -28,7 +28,9 @@ from train_wan_tiny import (
     probe,
     steering,
     swap_word,
+    train_decoder,
     train_dit,
+    vae_weights,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,7 +217,7 @@ def test_probe_names_the_missing_stage(tmp_path):
 
 
 def test_stages_run_in_pipeline_order():
-    assert parse_stages("all") == ["vae", "latents", "dit", "export"]
+    assert parse_stages("all") == ["vae", "latents", "dit", "decoder", "export"]
     assert parse_stages("dit,latents") == ["latents", "dit"]  # a comma list runs in the pipeline's order
     assert parse_stages("probe") == ["probe"]
     with pytest.raises(argparse.ArgumentTypeError, match=r"unknown stage\(s\) \['vea'\]"):
@@ -326,3 +328,43 @@ def test_export_with_other_latent_statistics_fails_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="set models.wan_vae.WAN_VAE_TINY's statistics"):
         export(args)
     assert not out.exists()
+
+
+def decoder_args(work, steps: int, shapes: str = "large") -> argparse.Namespace:
+    return argparse.Namespace(
+        work_dir=str(work), shapes=shapes, seed=0, dec_steps=steps, dec_batch=1, dec_lr=2e-4, save_every=1
+    )
+
+
+def test_decoder_fine_tune_moves_only_the_decoder_and_resumes_exactly(tmp_path):
+    vae, _ = tiny_run(tmp_path / "a")
+    tiny_run(tmp_path / "b")
+    before = (tmp_path / "a" / "vae_state.pt").read_bytes()
+    train_decoder(decoder_args(tmp_path / "a", 2))  # two steps at once ...
+    train_decoder(decoder_args(tmp_path / "b", 1))  # ... or one, then resumed for the second
+    train_decoder(decoder_args(tmp_path / "b", 2))
+    a, b = vae_weights(str(tmp_path / "a")), vae_weights(str(tmp_path / "b"))
+    assert torch.load(tmp_path / "b" / "decoder_state.pt", weights_only=False)["step"] == 2
+    assert a.keys() == vae.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    decoder = [k for k in vae if k.startswith(("decoder.", "post_quant_conv."))]
+    assert decoder and all(k.startswith(("encoder.", "quant_conv.")) for k in vae.keys() - set(decoder))
+    # The encoder (so latents.pt and the DiT trained on it) is untouched; the decoder moved.
+    assert all(torch.equal(a[k], vae[k]) for k in vae.keys() - set(decoder))
+    assert any(not torch.equal(a[k], vae[k]) for k in decoder)
+    assert (tmp_path / "a" / "vae_state.pt").read_bytes() == before  # the vae stage's result is kept
+    assert all(torch.equal(vae_weights(str(tmp_path / "a"), decoder=False)[k], vae[k]) for k in vae)
+    # A fine-tune from this work dir starts from the new decoder, as one from its export would.
+    ft = tmp_path / "ft"
+    os.makedirs(ft)
+    init_from(argparse.Namespace(init_from=str(tmp_path / "a"), work_dir=str(ft), vae_stop=2700))
+    started = torch.load(ft / "vae_state.pt", weights_only=False)["model"]
+    assert all(torch.equal(started[k], a[k]) for k in a)
+
+
+def test_decoder_fine_tune_on_other_shapes_is_refused(tmp_path):
+    tiny_run(tmp_path)
+    train_decoder(decoder_args(tmp_path, 1))
+    before = (tmp_path / "decoder_state.pt").read_bytes()
+    with pytest.raises(ValueError, match="fine-tunes the decoder on .* not the --shapes small"):
+        train_decoder(decoder_args(tmp_path, 2, shapes="small"))
+    assert (tmp_path / "decoder_state.pt").read_bytes() == before
