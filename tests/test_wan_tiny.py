@@ -107,3 +107,24 @@ def test_main_command_writes_video_and_report(tmp_path):
     assert report["args"]["cache"] == "easycache" and report["cache"]["config"]["thresh"] == 0.05
     assert report["cache"]["num_skipped"] > 0 and report["cache"]["num_steps"] == 50
     assert os.path.getsize(out) > 1000
+
+
+def test_prompt_benchmark_reads_every_requested_video(tmp_path):
+    from benchmarks.tiny_prompts import main as tiny_prompts
+
+    report = tmp_path / "reads.json"
+    res = tiny_prompts(["--stride", "84", "--seeds", "1234", "--report", str(report)])  # 2 captions × 1 seed
+    assert list(res) == ["off"] and res["off"]["videos"] == 2
+    assert sum(res["off"]["shape_confusion"].values()) == 2
+    assert res["off"]["accuracy"]["colour"] == 1.0  # red and blue: the colours are read 100% (the test above)
+    assert json.loads(report.read_text())["results"] == res
+
+
+@pytest.mark.parametrize(
+    "flags", [["--cache", "maybe"], ["--seeds", "1,x"], ["--stride", "7", "--offset", "7"]]
+)
+def test_prompt_benchmark_refuses_bad_flags(flags):
+    from benchmarks.tiny_prompts import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(flags)
