@@ -695,8 +695,8 @@ def main() -> None:
         choices=sorted(GEOMETRIES),
         default="small",
         help="geometry of the DiT's videos (models.toy_videos.GEOMETRIES; shipped: the base run small, then "
-        "large-v1, then large-v2, then large); the VAE always trains on small ones and reconstructs large "
-        "ones too",
+        "large-v1, then large-v2, then large) and of the decoder fine-tune; the vae stage always trains on "
+        "small ones",
     )
     p.add_argument("--videos_per_caption", type=int, default=32)
     p.add_argument("--dit_steps", type=int, default=4500)
