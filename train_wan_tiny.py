@@ -248,12 +248,12 @@ def load_vae(args, stats: dict | None = None):
     return vae.eval().requires_grad_(False), cfg
 
 
-def vae_weights(work_dir: str, decoder: bool = True) -> dict:
+def vae_weights(work_dir: str) -> dict:
     """The work dir's VAE: `vae_state.pt`, with the decoder of `decoder_state.pt` over it once the decoder
-    stage has run (`decoder=False`: the VAE as the vae stage left it)."""
+    stage has run."""
     state = dict(torch.load(os.path.join(work_dir, "vae_state.pt"), weights_only=False)["model"])
     path = os.path.join(work_dir, "decoder_state.pt")
-    if decoder and os.path.exists(path):
+    if os.path.exists(path):
         state.update(torch.load(path, weights_only=False)["model"])
     return state
 
@@ -582,8 +582,7 @@ def train_decoder(args) -> None:
                 f"asked for ({spec}): use another --work_dir (link its vae_state.pt) or its --shapes"
             )
         opt.load_state_dict(state["opt"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = state["rng"]  # the only randomness here: which videos
         step = state["step"]
     captions = all_captions()
     bar = tqdm(range(step, args.dec_steps), initial=step, total=args.dec_steps, desc="decoder")
@@ -609,7 +608,6 @@ def train_decoder(args) -> None:
                 model={k: v.detach().clone() for k, v in trained.items()},
                 opt=opt.state_dict(),
                 rng=rng.bit_generator.state,
-                torch_rng=torch.get_rng_state(),
                 step=step + 1,
                 geometry_spec=spec,
             )
@@ -655,12 +653,13 @@ STAGES = {
     "export": export,
     "probe": probe,
 }
+ALL_STAGES = [name for name in STAGES if name != "probe"]  # `--stage all`: the pipeline, without the probe
 
 
 def parse_stages(text: str) -> list[str]:
     """`--stage`: "all" (vae, latents, dit, decoder, export), one stage or a comma list, run in the order of
     STAGES."""
-    names = ["vae", "latents", "dit", "decoder", "export"] if text == "all" else text.split(",")
+    names = ALL_STAGES if text == "all" else text.split(",")
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown}; choose from all, {', '.join(STAGES)}")
@@ -674,7 +673,7 @@ def main() -> None:
         type=parse_stages,
         default="all",
         help=f"one of {', '.join(STAGES)}, a comma list of them (run in that order), or all "
-        "(vae,latents,dit,decoder,export)",
+        f"({','.join(ALL_STAGES)})",
     )
     p.add_argument("--work_dir", default="outputs/wan-tiny-train")
     p.add_argument("--seed", type=int, default=0)

@@ -26,7 +26,7 @@ import sample_wan
 from easycache import EasyCacheConfig
 from models.toy_videos import Caption, all_captions, detect
 
-ATTRIBUTES = ("colour", "shape", "direction", "background")
+ATTRIBUTES = tuple(f.name for f in dataclasses.fields(Caption))  # what the detector reads back
 
 
 def parse_ints(text: str) -> list[int]:
@@ -41,7 +41,7 @@ def parse_ints(text: str) -> list[int]:
 
 def parse_cache(text: str) -> list[str]:
     runs = text.split(",")
-    if not runs or any(r not in ("off", "on") for r in runs):
+    if any(r not in ("off", "on") for r in runs):
         raise argparse.ArgumentTypeError(f"--cache takes off, on or off,on; got {text!r}")
     return runs
 

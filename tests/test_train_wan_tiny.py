@@ -352,7 +352,8 @@ def test_decoder_fine_tune_moves_only_the_decoder_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], vae[k]) for k in vae.keys() - set(decoder))
     assert any(not torch.equal(a[k], vae[k]) for k in decoder)
     assert (tmp_path / "a" / "vae_state.pt").read_bytes() == before  # the vae stage's result is kept
-    assert all(torch.equal(vae_weights(str(tmp_path / "a"), decoder=False)[k], vae[k]) for k in vae)
+    kept = torch.load(tmp_path / "a" / "vae_state.pt", weights_only=False)["model"]
+    assert all(torch.equal(kept[k], vae[k]) for k in vae)
     # A fine-tune from this work dir starts from the new decoder, as one from its export would.
     ft = tmp_path / "ft"
     os.makedirs(ft)
