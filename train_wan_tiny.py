@@ -62,6 +62,7 @@ from models.toy_videos import (
     SHAPES,
     SIZE,
     Caption,
+    Geometry,
     all_captions,
     coverage,
     render,
@@ -323,6 +324,12 @@ def make_latents(args) -> None:
     )
 
 
+def same_geometry(spec: dict, now: dict) -> bool:
+    """Whether a recorded `geometry_spec` is the geometry `now`, reading fields added to `Geometry` since it
+    was recorded (such as `inset`) at their defaults, which is what the data was made with."""
+    return dataclasses.asdict(Geometry(**spec)) == now
+
+
 def check_geometry(data: dict, path: str, shapes: str) -> None:
     """A data set is made once per work dir: asking for other shapes than it holds is an error, not a reuse.
     The name is checked, and the geometry it stood for when the file was written (`geometry_spec`), since a
@@ -336,7 +343,7 @@ def check_geometry(data: dict, path: str, shapes: str) -> None:
             f"--work_dir (link its vae_state.pt) or --shapes {held}"
         )
     spec, now = data.get("geometry_spec"), dataclasses.asdict(GEOMETRIES[shapes])
-    if (spec is None and held == "large") or (spec is not None and spec != now):
+    if (spec is None and held == "large") or (spec is not None and not same_geometry(spec, now)):
         raise ValueError(
             f"{path} holds {held!r} shapes made as {spec or 'an older geometry (no spec recorded)'}, but "
             f"GEOMETRIES[{held!r}] is now {now}: make the data set again in another --work_dir (link its "
@@ -576,7 +583,7 @@ def train_decoder(args) -> None:
     rng, step = np.random.default_rng([args.seed, 4]), 0  # a stream of its own, apart from the VAE's
     if os.path.exists(path):
         state = torch.load(path, weights_only=False)
-        if state["geometry_spec"] != spec:
+        if not same_geometry(state["geometry_spec"], spec):
             raise ValueError(
                 f"{path} fine-tunes the decoder on {state['geometry_spec']}, not the --shapes {args.shapes} "
                 f"asked for ({spec}): use another --work_dir (link its vae_state.pt) or its --shapes"

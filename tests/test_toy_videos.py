@@ -107,6 +107,29 @@ def test_large_geometry_draws_the_same_path_with_a_bigger_shape():
     assert xs[0] - xs[-1] > 0.2 * 64 - 1  # moves left, by at least the smallest travel (12.8 px)
 
 
+def test_inset_keeps_the_path_off_the_edges_across_its_motion_and_nothing_else():
+    # The same draws as "large" (so the same size, speed and start along the motion), moved 5 px further from
+    # the edges across the motion: every shape of the grammar then keeps >= 7 px from them, where "large" lets
+    # a triangle's apex come within 2 px (a DiT a pixel off then draws it over the edge, and it goes unread).
+    def across_gap(cover, direction):
+        ys, xs = np.nonzero((cover > 0.5).any(0))
+        lo, hi = (ys.min(), ys.max()) if direction in ("left", "right") else (xs.min(), xs.max())
+        return min(lo, 63 - hi)
+
+    gaps = {"large": [], "large-inset": []}
+    for cap in all_captions()[::5]:
+        for seed in range(3):
+            cover = {g: coverage(cap, seed, geometry=g) for g in gaps}
+            for g in gaps:
+                gaps[g].append(across_gap(cover[g], cap.direction))
+            # Same shape, same motion: the inset only translates the path across it.
+            assert abs(cover["large"].sum() - cover["large-inset"].sum()) < 1e-3 * cover["large"].sum()
+            axis = 0 if cap.direction in ("left", "right") else 1  # summed over: leaves the along profile
+            along = [[np.average(np.arange(64), weights=f.sum(axis)) for f in cover[g]] for g in gaps]
+            np.testing.assert_allclose(along[0], along[1], atol=0.05)  # px, up to anti-aliasing
+    assert min(gaps["large"]) <= 2 and min(gaps["large-inset"]) >= 7
+
+
 def test_geometry_errors():
     with pytest.raises(ValueError, match="unknown geometry 'huge'"):
         render("a red circle moving right on a blue background", 0, geometry="huge")
@@ -116,6 +139,9 @@ def test_geometry_errors():
         Geometry(radius=(0.2, 0.1), travel=(0.2, 0.3)).validate(64)
     with pytest.raises(ValueError, match="half side"):
         Geometry(radius=(0.1, 0.1), travel=(0.2, 0.3), square=1.5).validate(64)
+    for inset in (-0.01, 0.2):
+        with pytest.raises(ValueError, match="inset must be >= 0 and leave room"):
+            Geometry(radius=(0.2, 0.24), travel=(0.2, 0.26), inset=inset).validate(64)
     for geometry in GEOMETRIES.values():
         geometry.validate(64)
 

@@ -16,6 +16,7 @@ from models.toy_videos import GEOMETRIES, Caption, coverage
 from train_wan_tiny import (
     PROBE_CAPTIONS,
     VAE_ARCH,
+    check_geometry,
     dit_lr,
     dit_shift,
     export,
@@ -169,6 +170,16 @@ def test_a_geometry_name_that_changed_meaning_is_refused(tmp_path):
             with pytest.raises(ValueError, match=f"made as .*{message}.*GEOMETRIES\\['large'\\] is now"):
                 stage(args)
         assert sorted(os.listdir(tmp_path)) == ["latents.pt"]
+
+
+def test_a_spec_recorded_before_a_geometry_field_existed_reads_it_at_its_default(tmp_path):
+    # Data sets of "large" were written before `Geometry.inset` existed; they were made with no inset, so they
+    # stay valid for "large" (inset 0), while the same spec under "large-inset" (inset 0.08) is refused.
+    spec = {k: v for k, v in dataclasses.asdict(GEOMETRIES["large"]).items() if k != "inset"}
+    data = {"geometry": "large", "geometry_spec": spec}
+    check_geometry(data, "latents.pt", "large")
+    with pytest.raises(ValueError, match="'inset': 0.08"):
+        check_geometry({**data, "geometry": "large-inset"}, "latents.pt", "large-inset")
 
 
 def test_swap_word_changes_one_attribute_to_a_valid_caption():
