@@ -68,8 +68,9 @@ class Geometry:
 # rest still bulging. "large" makes it half side 1.2 r (1.83x the circle's area, spread 0.48 r²), which the
 # DiT draws square far more often. In all three a shape comes within 1-5 px of the frame's edge (the margin
 # was set for the triangle's apex), and a DiT a pixel or two off draws it over the edge, where the detector
-# cannot read it; "large-inset" keeps the path 5 px (0.08 of the frame) further in across its motion.
-# The shipped DiT was fine-tuned on the three in turn (checkpoints/README.md).
+# cannot read it; "large-inset" keeps the path 5 px (0.08 of the frame) further in across its motion, and a
+# DiT fine-tuned on it no longer does. The shipped DiT was fine-tuned on the four in turn
+# (checkpoints/README.md).
 _LARGE = dict(radius=(0.2, 0.24), travel=(0.2, 0.26))  # radius 13-15 px, travel 13-17 px at 64 px
 GEOMETRIES = {
     "small": Geometry(radius=(0.12, 0.16), travel=(0.3, 0.4)),  # radius 8-10 px, travel 19-26 px
