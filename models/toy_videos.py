@@ -34,6 +34,11 @@ DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}  
 FRAMES, SIZE = 17, 64  # 4n+1 frames for the Wan-VAE; the tiny VAE (4×4×4) makes 5×16×16 latents
 
 
+def _margin(r: float) -> float:
+    """How far (px) a shape's centre stays from the frame's edges (the triangle's apex reaches 1.4 r)."""
+    return 1.45 * r + 1
+
+
 @dataclass(frozen=True)
 class Geometry:
     """How big the shape is and how far it moves, each a (low, high) range as a fraction of the frame size;
@@ -52,9 +57,10 @@ class Geometry:
             raise ValueError(f"radius and travel must be ordered (low, high) ranges > 0, got {self}")
         if not 0 < self.square <= 1.4:  # 1.4 r: the margin of _frames below
             raise ValueError(f"square must be a half side in (0, 1.4] radii, got {self.square}")
-        if size - 2 * (1.45 * r1 * size + 1) - t1 * size < 0:  # the margin of _frames
+        margin = _margin(r1 * size)
+        if size - 2 * margin - t1 * size < 0:
             raise ValueError(f"{self}: the largest shape on the longest travel leaves a {size}-px frame")
-        if self.inset < 0 or size - 2 * (1.45 * r1 * size + 1 + self.inset * size) < 0:
+        if self.inset < 0 or size - 2 * (margin + self.inset * size) < 0:
             raise ValueError(f"{self}: the inset must be >= 0 and leave room beside the largest shape's path")
 
 
@@ -157,7 +163,7 @@ def _frames(cap: Caption, seed: int, frames: int, size: int, geo: Geometry):
     r = rng.uniform(*geo.radius) * size
     travel = rng.uniform(*geo.travel) * size
     dx, dy = DIRECTIONS[cap.direction]
-    margin = 1.45 * r + 1  # the triangle's apex reaches 1.4 r from its centre
+    margin = _margin(r)
     # Along the motion axis the shape starts so that it stays in the frame; across it, anywhere `inset` lets.
     along0 = rng.uniform(margin, size - margin - travel)
     across = rng.uniform(margin + geo.inset * size, size - margin - geo.inset * size)
