@@ -16,11 +16,10 @@ The shipped checkpoint is seven runs: a base run on the small shapes (this scrip
 of its DiT, with the base VAE, on large shapes (radius 13-15 px instead of 8-10: outlines that differ by whole
 DiT tokens) whose square grows from run to run: "large-v1" (about the circle's area), "large-v2" (half side
 r, three cosine cycles), then "large" (half side 1.2 r). The DiT drew the first square round and half of the
-second one bulging (checkpoints/README.md). The "large" run's `--stage all` also fine-tunes the VAE's decoder
-on the large shapes (stage decoder): the base VAE, trained on crops of small ones, rounded the squares'
-corners. The last run, "large-inset", keeps the shapes 5 px further from the frame's edges across their
-motion: the DiT had learned to place them as close to the edge as the data does, give or take a pixel, and
-drew some over it.
+second one bulging (checkpoints/README.md). The "large" run also fine-tunes the VAE's decoder on the large
+shapes (stage decoder): the base VAE, trained on crops of small ones, rounded the squares' corners. The last
+run, "large-inset", keeps the shapes 5 px further from the frame's edges across their motion: the DiT had
+learned to place them as close to the edge as the data does, give or take a pixel, and drew some over it.
 
     python train_wan_tiny.py --stage vae,latents,dit --work_dir outputs/wan-tiny-small
     python train_wan_tiny.py --stage latents,dit --shapes large-v1 --init_from outputs/wan-tiny-small \
@@ -31,18 +30,19 @@ drew some over it.
         --work_dir outputs/wan-tiny-large-v2b --dit_steps 1000 --dit_cycles 1 --dit_lr 2.5e-4
     python train_wan_tiny.py --stage latents,dit --shapes large-v2 --init_from outputs/wan-tiny-large-v2b \
         --work_dir outputs/wan-tiny-large-v2c --dit_steps 2000 --dit_cycles 1 --dit_lr 2.5e-4
-    python train_wan_tiny.py --stage all --shapes large --init_from outputs/wan-tiny-large-v2c \
-        --work_dir outputs/wan-tiny-large --dit_steps 1500 --dit_cycles 1
+    python train_wan_tiny.py --stage latents,dit,decoder --shapes large --init_from \
+        outputs/wan-tiny-large-v2c --work_dir outputs/wan-tiny-large --dit_steps 1500 --dit_cycles 1
     python train_wan_tiny.py --stage latents,dit,export --shapes large-inset --init_from \
         outputs/wan-tiny-large --work_dir outputs/wan-tiny-large-inset --dit_steps 1500 --dit_cycles 1
 
-The three large-v2 runs encode the same data set: link the first one's latents.pt into the next work dirs to
-skip the ~4 min. On 2 CPU cores: VAE ~1.2 s/step (55 min for the 2,700 steps it runs), latents ~4 min, DiT
-~1.1-1.3 s/step (3.4 h for the base run's 2 cosine cycles of 4,500 steps, 1.5 h for the large-v1 fine-tune,
-1.6 h for the three large-v2 cycles, 41 min for large, 30 min for large-inset), decoder ~1.6 s/step (33
-min): ~9 h in all, so run it in the background; every stage resumes. `--dit_fg_weight` (default 0: the
-shipped plain MSE) weights the loss on the shape's latent pixels, an experiment that did not help (see
-checkpoints/README.md).
+Only the last run exports: export checks that the run's latent statistics are the ones
+models.wan_vae.WAN_VAE_TINY holds, and those are the last data set's. The three large-v2 runs encode the same
+data set: link the first one's latents.pt into the next work dirs to skip the ~4 min. On 2 CPU cores: VAE ~1.2
+s/step (55 min for the 2,700 steps it runs), latents ~4 min, DiT ~1.1-1.3 s/step (3.4 h for the base run's 2
+cosine cycles of 4,500 steps, 1.5 h for the large-v1 fine-tune, 1.6 h for the three large-v2 cycles, 41 min
+for large, 30 min for large-inset), decoder ~1.6 s/step (33 min): ~9 h in all, so run it in the background;
+every stage resumes. `--dit_fg_weight` (default 0: the shipped plain MSE) weights the loss on the shape's
+latent pixels, an experiment that did not help (see checkpoints/README.md).
 """
 
 from __future__ import annotations
