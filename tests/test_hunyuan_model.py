@@ -194,9 +194,17 @@ def test_loader_reads_the_official_layout(models, tmp_path):
     path = write_checkpoint(tmp_path, {"module": ours.state_dict()})
     loaded = load_hunyuan(path, config=TINY, dtype=torch.float32)
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    # The weights arrive bit for bit (exact by construction: loading copies, never computes).
+    want = ours.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+    # The outputs only to fp32 rounding: the loaded tensors live in a memory-mapped file, whose alignment
+    # can make the CPU's BLAS pick other kernels than for the in-memory copy (measured 2.4e-6 on an Intel
+    # Xeon, 0 on an AMD EPYC). 1e-5 of the output's scale is ~100 fp32 ulps yet far below any wrong weight.
     x, t, txt, mask, pooled, g = tiny_inputs()
     with torch.no_grad():
-        assert torch.equal(loaded(x, t, txt, mask, pooled, g), ours(x, t, txt, mask, pooled, g))
+        out, ref = loaded(x, t, txt, mask, pooled, g), ours(x, t, txt, mask, pooled, g)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     default = load_hunyuan(write_checkpoint(tmp_path, ours.state_dict()), config=TINY)  # bare state dict
     assert {p.dtype for p in default.parameters()} == {torch.bfloat16}
 

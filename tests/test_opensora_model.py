@@ -18,7 +18,7 @@ DATA = Path(__file__).parent / "data"
 TINY = STDiT3Config(
     depth=2, hidden_size=144, num_heads=2, mlp_ratio=0.5, caption_channels=32, model_max_length=12
 )  # the configuration the golden outputs were recorded with
-# The official hpcai-tech/OpenSora-STDiT-v3 config.json, verbatim (spec/models.md §3.1).
+# The official hpcai-tech/OpenSora-STDiT-v3 config.json, verbatim (as on the Hub).
 OFFICIAL_CONFIG = {
     "architectures": ["STDiT3"],
     "model_type": "STDiT3",
@@ -134,11 +134,52 @@ def upstream_attention(q, k, v, *, k_lens=None, mask=None, scale=None):
     return out.transpose(1, 2).reshape(q.shape)
 
 
+def kernel_fingerprint() -> dict[str, torch.Tensor]:
+    """The CPU kernels that the bf16 forward runs, on fixed inputs of the tiny model's sizes: bf16 linear,
+    Conv3d and matmul, fp32 softmax, bf16 layer norm, the fp32 RMSNorm pieces, GELU(tanh), SiLU, sin/cos/exp
+    and a masked SDPA. Equal outputs mean the arithmetic of the machine that recorded the golden run."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    x, w, b = rand(2, 8, 144), rand(432, 144), rand(432)
+    q, k, v = rand(2, 2, 12, 72), rand(2, 2, 12, 72), rand(2, 2, 12, 72)
+    x32 = rand(2, 8, 72, dtype=torch.float32)
+    mask = torch.arange(12)[None] < torch.tensor([7, 12])[:, None]  # [2, 12]
+    return {
+        "linear": F.linear(x, w, b),
+        "conv3d": F.conv3d(rand(2, 4, 3, 6, 8), rand(144, 4, 1, 2, 2), rand(144), stride=(1, 2, 2)),
+        "matmul": (q * 72**-0.5) @ k.transpose(-2, -1),
+        "softmax": (q @ k.transpose(-2, -1)).float().softmax(-1),
+        "probs_v": (q @ k.transpose(-2, -1)).float().softmax(-1).to(q.dtype) @ v,
+        "layer_norm": F.layer_norm(x, (144,), eps=1e-6),
+        "rms": x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6),
+        "gelu": F.gelu(x, approximate="tanh"),
+        "silu": F.silu(x),
+        "sincos": torch.cat([x32.sin(), x32.cos(), x32.to(torch.bfloat16).sin().float(), x32.exp()]),
+        "sdpa": F.scaled_dot_product_attention(q, k, v, mask[:, None, None]),
+    }
+
+
+def same_kernels_as_golden_run() -> bool:
+    recorded = load_file(DATA / "opensora" / "kernels_bf16.safetensors")
+    now = kernel_fingerprint()
+    return recorded.keys() == now.keys() and all(torch.equal(now[k], recorded[k]) for k in recorded)
+
+
 @pytest.mark.parametrize("case", ["a", "b"])
 def test_bf16_roundings_bitwise_with_upstream_attention(golden, case, monkeypatch):
     # With the attention kernels of the golden run, every other bf16 rounding (timestep, fps, pixel size,
     # pos-emb frequencies, RoPE angles, RMSNorm, modulation order) must reproduce upstream bit for bit. One
     # misplaced rounding (e.g. RoPE in fp32) leaves only ~25% of the elements equal.
+    # Bit-exactness holds only on the CPU kernels of the golden run (an AMD EPYC, AVX2): other kernels round
+    # differently, and then even a correct model matches only 28-29% of the elements (measured with
+    # ATEN_CPU_CAPABILITY=default here and on an Intel Xeon), no more than a wrong one (25-26%), and its
+    # error (6e-3) equals a wrong one's too. So elsewhere this check cannot tell right from wrong and is
+    # skipped; test_bf16_matches_official still holds every CPU to the kernel-independent tolerance.
+    if not same_kernels_as_golden_run():
+        pytest.skip("this CPU's kernels round differently from the golden run's; bitwise check not possible")
     monkeypatch.setattr(opensora, "attention", upstream_attention)
     out = run(tiny_model(golden, torch.bfloat16), **inputs(golden, case))
     assert (out == golden[f"expected.{case}.bf16"].float()).float().mean() >= 0.9
@@ -209,8 +250,11 @@ def test_3b_preset_shapes():
 
 
 def test_rope_freqs_built_as_upstream(golden):
-    # The model built on CPU computes the same frequencies as the official RotaryEmbedding(dim=72).
-    assert torch.equal(STDiT3(TINY).rope.freqs, golden["rope.freqs"])
+    # The model built on CPU computes the same frequencies as the official RotaryEmbedding(dim=72), to the
+    # last fp32 bit on the golden run's CPU; other CPUs' pow kernels may differ by one ulp (measured 8.6e-8
+    # relative with ATEN_CPU_CAPABILITY=default), while a wrong formula (theta, dim or exponent) is off by
+    # far more than 1e-6.
+    torch.testing.assert_close(STDiT3(TINY).rope.freqs, golden["rope.freqs"], rtol=1e-6, atol=0)
 
 
 def test_config_from_official_json(tmp_path):
