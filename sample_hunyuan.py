@@ -8,6 +8,9 @@
 Flags keep the names of the official sample_video.py (hyvideo/config.py); the cache flags come from
 easycache.cli. Without --model-base only the needed files are downloaded into checkpoints/HunyuanVideo: the
 DiT from tencent/HunyuanVideo, the text encoders and the VAE from hunyuanvideo-community/HunyuanVideo.
+
+main() runs parse_args (argparse only) -> check_args (no model, one `error:` line each) -> the files ->
+load (heavy imports inside HunyuanT2V) -> run; sample_wan.py's docstring says where new flags and imports go.
 """
 
 from __future__ import annotations
@@ -16,30 +19,24 @@ import argparse
 import json
 import os
 import random
-import sys
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
+from easycache import checks
+from easycache.cli import add_cache_args, add_output_args, check_run_args, no_grad
+from easycache.report import RunOutputs, slug
+from models.loading import check_checkpoint_files, resolve_checkpoint  # standard library only
 
-from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
-from easycache.compare import Generation, generate_and_report
-from easycache.report import RunOutputs, Stopwatch, environment, slug
-from easycache.video import to_uint8_frames
-from models.hunyuan import CKPT_FILE, HUNYUAN_CONFIGS, HunyuanVideoConfig, guidance_input, load_hunyuan
-from models.hunyuan import HUB_REPO as DIT_REPO
-from models.hunyuan_text import HUB_REPO as PARTS_REPO
-from models.hunyuan_text import HunyuanTextEncoders
-from models.hunyuan_vae import HunyuanVAE, latent_shape
-from models.loading import resolve_checkpoint
-from models.solvers import FlowEuler, hunyuan_sigmas
+if TYPE_CHECKING:
+    from easycache.compare import Generation
+    from models.hunyuan import HunyuanVideoConfig
 
 # The official NEGATIVE_PROMPT (hyvideo/constants.py); only used with --cfg-scale > 1, as there.
 NEGATIVE_PROMPT = (
     "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, "
     "bad teeth, bad eyes, bad limbs, distortion"
 )
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "fp16", "bf16")  # torch.float32, torch.float16, torch.bfloat16 (resolved when loading)
 # What this script needs of PARTS_REPO (transformers itself checks the LLM's shards against its index).
 _PARTS_FILES = ["text_encoder/config.json", "tokenizer/tokenizer_config.json", "text_encoder_2/config.json",
                 "tokenizer_2/tokenizer_config.json", "vae/config.json",
@@ -51,7 +48,7 @@ class Task:
     """The defaults of the official sample_video.py for the released HYVideo-T/2-cfgdistill."""
 
     ckpt_dir: str  # both Hub repos download here (their paths do not collide): one --model-base
-    dit: HunyuanVideoConfig
+    dit: str  # a preset of models.hunyuan.HUNYUAN_CONFIGS
     sizes: tuple[tuple[int, int], ...]  # official (H, W); others (multiples of 16) are allowed with a note
     video_length: int = 129
     infer_steps: int = 50
@@ -64,7 +61,7 @@ class Task:
 
 _720P = ((720, 1280), (1280, 720), (1104, 832), (832, 1104), (960, 960))
 _540P = ((544, 960), (960, 544), (624, 832), (832, 624), (720, 720))  # the authors ran EasyCache at 544 960
-TASKS = {"t2v-720p": Task("checkpoints/HunyuanVideo", HUNYUAN_CONFIGS["t2v-720p"], sizes=_720P + _540P)}
+TASKS = {"t2v-720p": Task("checkpoints/HunyuanVideo", "t2v-720p", sizes=_720P + _540P)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,11 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--neg-prompt", help="negative prompt of --cfg-scale > 1 (default: the official one)")
     p.add_argument("--seed", type=int, help="seed (default: drawn in 0..1e6 as the official; recorded)")
     p.add_argument("--model-base", help="local folder holding all files (default: checkpoints/HunyuanVideo)")
-    p.add_argument("--dit-weight", help=f"the DiT file (default: <model-base>/{CKPT_FILE})")
+    p.add_argument(
+        "--dit-weight",
+        help="the DiT file (default: <model-base>/hunyuan-video-t2v-720p/"
+        "transformers/mp_rank_00_model_states.pt)",
+    )
     p.add_argument("--dit-config", help="JSON of HunyuanVideoConfig fields: a non-release DiT (tests)")
     p.add_argument("--save-path", default="outputs", help="output folder (official), or a .mp4 path")
     p.add_argument("--use-cpu-offload", action="store_true", help="text encoders, DiT on the CPU when idle")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="default: cuda if available, else cpu (resolved when loading)")
     p.add_argument("--precision", choices=DTYPES, help="DiT dtype (official bf16; CPU default fp32)")
     p.add_argument("--vae-precision", choices=DTYPES, help="VAE dtype (official fp16; CPU default fp32)")
     p.add_argument("--text-encoder-precision", choices=DTYPES, help="LLM, CLIP (official fp16; CPU fp32)")
@@ -111,28 +112,66 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
         raise ValueError(f"--video-size {height} {width}: need positive multiples of 16 (VAE 8 x patch 2)")
     if (height, width) not in task.sizes:
         print(f"note: {height}x{width} is not an official (H, W): {', '.join(map(str, task.sizes))}")
+    checks.check_finite({"--embedded-cfg-scale": args.embedded_cfg_scale, "--cfg-scale": args.cfg_scale,
+                         "--flow-shift": args.flow_shift})  # fmt: skip
     if args.infer_steps < 1 or args.cfg_scale < 1:
         raise ValueError("need --infer-steps >= 1 and --cfg-scale >= 1 (1: no true CFG, as released)")
-    hunyuan_sigmas(args.infer_steps, args.flow_shift)  # validates the shift
+    if args.flow_shift <= 0:
+        raise ValueError(
+            f"--flow-shift must be > 0 (1 = no shift; the release uses 7), got {args.flow_shift}"
+        )
     if args.dit_weight is not None and not os.path.isfile(args.dit_weight):
-        raise FileNotFoundError(f"--dit-weight {args.dit_weight} is not a file (the official {CKPT_FILE})")
+        raise FileNotFoundError(
+            f"--dit-weight {args.dit_weight} is not a file (the official mp_rank_00_model_states.pt)"
+        )
     if args.model_base is not None and not os.path.isdir(args.model_base):
         raise FileNotFoundError(f"--model-base {args.model_base} is not a directory")
+    if args.seed is not None:
+        checks.check_seed(args.seed, "--seed", count=args.num_seeds, draw="leave it out to draw one")
     prompts = check_run_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
     if args.seed is None:
         args.seed = random.randint(0, 1_000_000)
-    return task, read_dit_config(args.dit_config) if args.dit_config else task.dit, prompts
+    if args.dit_config:  # the last check: it imports models/ (torch) for the config class
+        return task, read_dit_config(args.dit_config), prompts
+    from models.hunyuan import HUNYUAN_CONFIGS
+
+    return task, HUNYUAN_CONFIGS[task.dit], prompts
+
+
+def video_file(args: argparse.Namespace) -> str | None:
+    """--save-path: a folder (the official meaning; None here) or the .mp4 itself; any other suffix is
+    refused rather than made into a folder named like a video."""
+    root, suffix = os.path.splitext(args.save_path)
+    if suffix == ".mp4":
+        return args.save_path
+    if suffix.lower() in (".avi", ".mkv", ".mov", ".webm", ".gif", ".m4v", ".json") and not os.path.isdir(
+        args.save_path
+    ):
+        raise ValueError(
+            f"--save-path {args.save_path}: videos are written as .mp4; give a folder or a .mp4 path"
+        )
+    return None
 
 
 def read_dit_config(path: str) -> HunyuanVideoConfig:
+    from models.hunyuan import HunyuanVideoConfig
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--dit-config file not found: {path}")
-    with open(path) as f:
-        values = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise checks.BadFile(f"--dit-config {path} is not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise checks.BadFile(f"--dit-config {path} must hold a JSON object of HunyuanVideoConfig fields")
     unknown = sorted(set(values) - {f.name for f in fields(HunyuanVideoConfig)})
     if unknown:
-        raise ValueError(f"--dit-config {path}: {unknown} are not HunyuanVideoConfig fields")
-    return HunyuanVideoConfig(**values)
+        raise checks.BadFile(f"--dit-config {path}: {unknown} are not HunyuanVideoConfig fields")
+    try:
+        return HunyuanVideoConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise checks.BadFile(f"--dit-config {path}: {e}") from None
 
 
 def check_parts(model_base: str, dit: HunyuanVideoConfig) -> None:
@@ -147,31 +186,46 @@ def check_parts(model_base: str, dit: HunyuanVideoConfig) -> None:
 
 
 def resolve_files(args: argparse.Namespace, task: Task) -> tuple[str, str]:
-    """(DiT file, folder of the text encoders and VAE); only missing files are downloaded."""
-    dit_weight, base = args.dit_weight, args.model_base
-    if dit_weight is None:
-        kw = dict(files=[CKPT_FILE], patterns=[CKPT_FILE], default_dir=task.ckpt_dir, flag="--model-base")
-        dit_weight = os.path.join(resolve_checkpoint(base, repo_id=DIT_REPO, **kw), CKPT_FILE)
+    """(DiT file, folder of the text encoders and VAE); only missing files are downloaded, and every missing
+    repository is named in one error."""
+    from models.hunyuan import CKPT_FILE
+    from models.hunyuan import HUB_REPO as DIT_REPO
+    from models.hunyuan_text import HUB_REPO as PARTS_REPO
+
+    base = args.model_base
+    dit = dict(files=[CKPT_FILE], patterns=[CKPT_FILE], default_dir=task.ckpt_dir, flag="--model-base")
     patterns = sorted({f"{f.split('/')[0]}/*" for f in _PARTS_FILES})  # only these folders are fetched
-    kw = dict(files=_PARTS_FILES, patterns=patterns, default_dir=task.ckpt_dir, flag="--model-base")
-    return dit_weight, resolve_checkpoint(base, repo_id=PARTS_REPO, **kw)
+    parts = dict(files=_PARTS_FILES, patterns=patterns, default_dir=task.ckpt_dir, flag="--model-base")
+    found = checks.gather({
+        **({} if args.dit_weight else {"dit": lambda: resolve_checkpoint(base, repo_id=DIT_REPO, **dit)}),
+        "parts": lambda: resolve_checkpoint(base, repo_id=PARTS_REPO, **parts),
+    })  # fmt: skip
+    return args.dit_weight or os.path.join(found["dit"], CKPT_FILE), found["parts"]
 
 
 class HunyuanT2V:
     """The loaded components and how to run them once."""
 
     def __init__(self, dit_weight: str, model_base: str, dit_config: HunyuanVideoConfig, args):
+        import torch  # the heavy imports, after parsing and checking
+
+        from models.hunyuan import load_hunyuan
+        from models.hunyuan_text import HunyuanTextEncoders
+        from models.hunyuan_vae import HunyuanVAE
+
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.args, self.device = args, torch.device(args.device)
         cuda = self.device.type == "cuda"  # official dtypes on GPUs; fp16 matmuls crawl on CPUs
-        self.dtype = DTYPES[args.precision or ("bf16" if cuda else "fp32")]
-        self.text_dtype = DTYPES[args.text_encoder_precision or ("fp16" if cuda else "fp32")]
+        self.dtype = dtypes[args.precision or ("bf16" if cuda else "fp32")]
+        self.text_dtype = dtypes[args.text_encoder_precision or ("fp16" if cuda else "fp32")]
         offload = args.use_cpu_offload  # each waits on the CPU and visits the device only to run
         self.text_encoders = HunyuanTextEncoders.from_pretrained(
             model_base, device=self.device, dtype=self.text_dtype, offload=offload
         )
         home = "cpu" if offload else self.device
         self.dit = load_hunyuan(dit_weight, config=dit_config, device=home, dtype=self.dtype)
-        vae_dtype = DTYPES[args.vae_precision or ("fp16" if cuda else "fp32")]
+        vae_dtype = dtypes[args.vae_precision or ("fp16" if cuda else "fp32")]
         self.vae = HunyuanVAE.from_pretrained(f"{model_base}/vae", device=self.device, dtype=vae_dtype)
 
     def encode(self, prompt: str) -> dict[str, tuple]:
@@ -181,8 +235,19 @@ class HunyuanT2V:
         names = ["cond", "uncond"] if self.args.cfg_scale > 1 else ["cond"]
         return {k: self.text_encoders([prompts[k].strip()]) for k in names}
 
-    @torch.no_grad()
+    @no_grad
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
+        import torch
+        from tqdm import tqdm
+
+        from easycache.cli import make_cache
+        from easycache.compare import Generation
+        from easycache.report import Stopwatch
+        from easycache.video import to_uint8_frames
+        from models.hunyuan import guidance_input
+        from models.hunyuan_vae import latent_shape
+        from models.solvers import FlowEuler, hunyuan_sigmas
+
         args, device, cfg = self.args, self.device, self.dit.config
         sw = Stopwatch(device)
         with sw.phase("end_to_end"):
@@ -205,6 +270,7 @@ class HunyuanT2V:
                 if cache is None or cache.should_compute(i, latents):
                     with sw.phase("dit"):  # one DiT call per branch (the official batches CFG's two)
                         v = {k: self.dit(latents, t, *text[k], g_in) for k in text}
+                    checks.check_dit_output(v, i)  # NaN/inf: stop at this step, not at the VAE
                     calls += len(v)
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
@@ -225,20 +291,30 @@ class HunyuanT2V:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:  # every check that can fail runs before a model is loaded
+    args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag)
+    with checks.refuse_errors(checks.USAGE):  # 2. check the flags: exit 2, nothing loaded
         task, dit_config, prompts = check_args(args)
-        name = f"hunyuan_{args.task}_{args.cache}_{slug(prompts[0])}_{args.seed}"
-        file = args.save_path if args.save_path.endswith(".mp4") else f"{args.save_path}/{name}.mp4"
-        out = RunOutputs(file, args.report, default_name=name, fps=task.fps, lossless=args.lossless)
+        out = RunOutputs(
+            video_file(args), args.report, fps=task.fps, lossless=args.lossless, folder=args.save_path,
+            name=lambda label, prompt, seed: f"hunyuan_{args.task}_{label}_{slug(prompt)}_{seed}",
+            prompts=prompts, seed=args.seed, label="compare" if args.compare else args.cache,
+            video_flag="--save-path",
+        )  # fmt: skip
+    with checks.refuse_errors(checks.BAD_FILE):  # 3. check the files: exit 1, nothing loaded
         dit_weight, model_base = resolve_files(args, task)
+        check_checkpoint_files(model_base, [f for f in _PARTS_FILES if not f.startswith("tokenizer")])
+        check_checkpoint_files(os.path.dirname(dit_weight), [os.path.basename(dit_weight)])
         check_parts(model_base, dit_config)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    pipe = HunyuanT2V(dit_weight, model_base, dit_config, args)
+    with checks.refuse_errors(checks.BAD_FILE):  # 4. load: the heavy imports happen here
+        pipe = HunyuanT2V(dit_weight, model_base, dit_config, args)
+    from easycache.compare import generate_and_report
+    from easycache.report import environment
+
     report = {"script": "sample_hunyuan.py", "args": vars(args), "environment": environment(pipe.device)}
-    generate_and_report(pipe.generate, prompts, args.seed, args, out, report, f"hunyuan {args.task}")
+    with checks.refuse_run_errors():  # 5. run
+        generate_and_report(pipe.generate, prompts, args.seed, args, out, report, f"hunyuan {args.task}")
 
 
 if __name__ == "__main__":
+    checks.exit_cleanly_on_sigterm()  # a killed run removes its half-written files too
     main()

@@ -10,6 +10,9 @@ Flags keep the official scripts/inference.py names (--num-frames with the 2s/4s/
 from three Hub repos; without --ckpt-path/--vae-path/--t5-path the needed files are downloaded into
 checkpoints/<repo name>/. The DiT's and T5's sizes are read from their config.json; the VAE's architecture is
 fixed (its config.json names classes, not sizes), so tests pass a tiny one to `main(argv, vae_config=...)`.
+
+main() runs parse_args (argparse only) -> check_args (no model, one `error:` line each) -> the files ->
+load (heavy imports inside OpenSoraT2V) -> run; sample_wan.py's docstring says where new flags and imports go.
 """
 
 from __future__ import annotations
@@ -17,21 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
+from easycache import checks
+from easycache.cli import add_cache_args, add_output_args, check_run_args, no_grad
+from easycache.report import RunOutputs, slug
+from models.loading import check_checkpoint_files, resolve_checkpoint  # standard library only
 
-from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
-from easycache.compare import Generation, generate_and_report
-from easycache.report import RunOutputs, Stopwatch, environment, slug
-from easycache.video import to_uint8_frames
-from models.loading import resolve_checkpoint
-from models.opensora import HUB_REPO, load_stdit3
-from models.opensora_text import DEFAULT_AES, T5_REPO_ID, OpenSoraTextEncoder
-from models.opensora_vae import OPENSORA_VAE_V1_2, OpenSoraVAE, OpenSoraVAEConfig
-from models.opensora_vae import REPO_ID as VAE_REPO_ID
-from models.solvers import RFEuler, opensora_timesteps
+if TYPE_CHECKING:
+    from easycache.compare import Generation
+    from models.opensora_vae import OpenSoraVAEConfig
 
 # Official opensora/datasets/aspect.py: aspect ratios are H:W, and each resolution has a hand-tuned
 # (height, width) per ratio (not a formula: e.g. 240p 9:16 is 240x426, 480p 9:16 is 480x854).
@@ -58,12 +56,14 @@ NUM_FRAMES = {"2s": 51, "4s": 102, "8s": 204, "16s": 408, "32s": 816}  # officia
 IMG_FPS = 120  # the fps condition of a single frame (official IMG_FPS)
 T5_FILES = ["config.json", "model.safetensors.index.json", "spiece.model", "tokenizer_config.json",
             "special_tokens_map.json"]  # fmt: skip
+# Hub repos: models.opensora.HUB_REPO, models.opensora_vae.REPO_ID, models.opensora_text.T5_REPO_ID (repeated
+# here so that checking the files needs no models/; a test keeps them equal).
 CHECKPOINTS = {  # flag -> (Hub repo, default folder, files read, download patterns)
-    "ckpt_path": (HUB_REPO, "checkpoints/OpenSora-STDiT-v3", ["config.json", "model.safetensors"],
-                  ["config.json", "model.safetensors"]),
-    "vae_path": (VAE_REPO_ID, "checkpoints/OpenSora-VAE-v1.2", ["model.safetensors"],
+    "ckpt_path": ("hpcai-tech/OpenSora-STDiT-v3", "checkpoints/OpenSora-STDiT-v3",
+                  ["config.json", "model.safetensors"], ["config.json", "model.safetensors"]),
+    "vae_path": ("hpcai-tech/OpenSora-VAE-v1.2", "checkpoints/OpenSora-VAE-v1.2", ["model.safetensors"],
                  ["config.json", "model.safetensors"]),
-    "t5_path": (T5_REPO_ID, "checkpoints/t5-v1_1-xxl", T5_FILES,
+    "t5_path": ("DeepFloyd/t5-v1_1-xxl", "checkpoints/t5-v1_1-xxl", T5_FILES,
                 [*T5_FILES, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
 }  # fmt: skip
 
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="overrides the two above")
     p.add_argument("--num-sampling-steps", type=int, default=30)
     p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale")
-    p.add_argument("--aes", type=float, default=DEFAULT_AES, help="aesthetic score appended to the prompt")
+    p.add_argument("--aes", type=float, default=6.5, help="aesthetic score appended to the prompt")
     p.add_argument("--fps", type=int, default=24, help="frame-rate condition of the DiT and of the video")
     p.add_argument("--seed", type=int, default=42, help="seed; -1 draws one (recorded in the report)")
     p.add_argument("--save-dir", default="outputs", help="folder of the video and its report")
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-path", help="local hpcai-tech/OpenSora-VAE-v1.2 (default: checkpoints/...)")
     p.add_argument("--t5-path", help="local DeepFloyd/t5-v1_1-xxl (default: checkpoints/...)")
     p.add_argument("--t5-cpu", action="store_true", help="run the T5 encoder (fp32, 19 GB) on the CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="default: cuda if available, else cpu (resolved when loading)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="DiT/VAE dtype (default bf16 on CUDA)")
     # The paper does not publish its OpenSora τ and R. Chosen by a 30-step flow-Euler sweep on the demo model
     # (README, "Defaults of τ and R"): the setting whose PSNR is closest to that of the Wan default (τ 0.05,
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[str]:
+def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig | None = None) -> list[str]:
     """Resolve aliases and tables into args.num_frames / args.image_size; refuse bad input before loading."""
     frames = NUM_FRAMES.get(args.num_frames, args.num_frames)
     try:
@@ -111,7 +111,7 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[
             "transform counts 5 latent frames per 17 frames)"
         )
     height, width = args.image_size or IMAGE_SIZES[args.resolution][args.aspect_ratio]
-    down = 2 ** (len(vae_config.vae_2d["block_out_channels"]) - 1)  # 8 for the SDXL VAE
+    down = 2 ** (len(vae_config.vae_2d["block_out_channels"]) - 1) if vae_config else 8  # 8: the SDXL VAE
     if min(height, width) < down:
         raise ValueError(
             f"--image-size {height} {width}: height and width must be >= {down} (one latent pixel)"
@@ -121,10 +121,26 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[
         raise ValueError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
     if args.fps < 1:
         raise ValueError(f"--fps must be >= 1, got {args.fps}")
+    checks.check_finite({"--cfg-scale": args.cfg_scale, "--aes": args.aes})
+    if args.seed != -1:
+        checks.check_seed(args.seed, "--seed", count=args.num_seeds)
+    if args.sample_name is not None:
+        checks.check_file_name(args.sample_name, "--sample-name")  # stays inside --save-dir
     prompts = check_run_args(args, args.num_sampling_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
-    if args.seed < 0:
+    if args.seed == -1:
         args.seed = random.randint(0, 2**31 - 1)
     return prompts
+
+
+def check_dit_config(folder: str) -> None:
+    """The DiT's config.json must give an STDiT3Config the model can be built from (read before loading)."""
+    from models.opensora import STDiT3Config
+
+    path = os.path.join(folder, "config.json")
+    try:
+        STDiT3Config.from_json(path)  # check_checkpoint_files has parsed the JSON already
+    except (TypeError, ValueError, AttributeError) as e:
+        raise checks.BadFile(f"{path} does not describe an STDiT3: {e}") from None
 
 
 def checkpoint_dir(args: argparse.Namespace, flag: str) -> str:
@@ -144,6 +160,13 @@ class OpenSoraT2V:
     """The loaded T5, STDiT3 and VAE, and how to run them once."""
 
     def __init__(self, paths: dict[str, str], args: argparse.Namespace, vae_config: OpenSoraVAEConfig):
+        import torch  # the heavy imports, after parsing and checking
+
+        from models.opensora import load_stdit3
+        from models.opensora_text import OpenSoraTextEncoder
+        from models.opensora_vae import OpenSoraVAE
+
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.args, self.device = args, torch.device(args.device)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
@@ -157,8 +180,17 @@ class OpenSoraT2V:
             model_max_length=self.dit.config.model_max_length,
         )  # fmt: skip
 
-    @torch.no_grad()
+    @no_grad
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
+        import torch
+        from tqdm import tqdm
+
+        from easycache.cli import make_cache
+        from easycache.compare import Generation
+        from easycache.report import Stopwatch
+        from easycache.video import to_uint8_frames
+        from models.solvers import RFEuler, opensora_timesteps
+
         args, device = self.args, self.device
         sw = Stopwatch(device)
         with sw.phase("end_to_end"):
@@ -187,6 +219,7 @@ class OpenSoraT2V:
                         pred = self.dit(torch.cat([latents, latents]), t, y, mask, fps, hh, ww)  # [2,8,T,h,w]
                         pred = pred[:, : self.dit.config.in_channels]  # velocity; the rest is the unused σ
                         v = {"cond": pred[:1], "uncond": pred[1:]}  # split first: one Δ per CFG half
+                    checks.check_dit_output(v, i)  # NaN/inf: stop at this step, not at the VAE
                     calls += 1  # NFE counts batched calls: one per computed step
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
@@ -202,24 +235,39 @@ class OpenSoraT2V:
         )
 
 
-def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig = OPENSORA_VAE_V1_2) -> None:
-    """Args: argv: the flags (None: sys.argv); vae_config: the VAE architecture (tests pass a tiny one)."""
-    args = parse_args(argv)
-    try:  # every check that can fail runs before a model is loaded
+def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig | None = None) -> None:
+    """Args: argv: the flags (None: sys.argv); vae_config: the VAE architecture (None: the official v1.2;
+    tests pass a tiny one)."""
+    args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag)
+    with checks.refuse_errors(checks.USAGE):  # 2. check the flags: exit 2, nothing loaded
         prompts = check_args(args, vae_config)
         size = f"{args.num_frames}x{args.image_size[0]}x{args.image_size[1]}"
-        name = args.sample_name or f"opensora_{size}_{args.cache}_{slug(prompts[0])}_{args.seed}"
-        video = os.path.join(args.save_dir, f"{name}.mp4")
-        out = RunOutputs(video, args.report, default_name=name, fps=args.fps, lossless=args.lossless)
-        paths = {flag: checkpoint_dir(args, flag) for flag in CHECKPOINTS}
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    pipe = OpenSoraT2V(paths, args, vae_config)
+        name = lambda label, prompt, seed: f"opensora_{size}_{label}_{slug(prompt)}_{seed}"  # noqa: E731
+        video = os.path.join(args.save_dir, f"{args.sample_name}.mp4") if args.sample_name else None
+        out = RunOutputs(
+            video, args.report, fps=args.fps, lossless=args.lossless, name=name, prompts=prompts,
+            seed=args.seed, label="compare" if args.compare else args.cache, folder=args.save_dir,
+            video_flag="--save-dir/--sample-name",
+        )  # fmt: skip
+    with checks.refuse_errors(checks.BAD_FILE):  # 3. check the files: exit 1, nothing loaded
+        paths = checks.gather({flag: (lambda f=flag: checkpoint_dir(args, f)) for flag in CHECKPOINTS})
+        for flag, (_, _, files, _) in CHECKPOINTS.items():
+            check_checkpoint_files(paths[flag], files)
+        check_dit_config(paths["ckpt_path"])
+    with checks.refuse_errors(checks.BAD_FILE):  # 4. load: the heavy imports happen here
+        if vae_config is None:
+            from models.opensora_vae import OPENSORA_VAE_V1_2 as vae_config
+        pipe = OpenSoraT2V(paths, args, vae_config)
+    from easycache.compare import generate_and_report
+    from easycache.report import environment
+
     report = {"script": "sample_opensora.py", "args": vars(args), "environment": environment(pipe.device)}
     report["dit_call"] = "one batched call on [cond; uncond] per computed step"  # Wan's scripts make two
     label = f"opensora {size} (batched CFG: 1 DiT call per computed step)"
-    generate_and_report(pipe.generate, prompts, args.seed, args, out, report, label)
+    with checks.refuse_run_errors():  # 5. run
+        generate_and_report(pipe.generate, prompts, args.seed, args, out, report, label)
 
 
 if __name__ == "__main__":
+    checks.exit_cleanly_on_sigterm()  # a killed run removes its half-written files too
     main()

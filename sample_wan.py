@@ -8,6 +8,13 @@
 Flags keep the official generate.py names (--task --size --frame_num --sample_steps --sample_shift
 --sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu); the cache flags come from
 easycache.cli. Without --ckpt_dir the needed files of the task's Hub repo are downloaded into checkpoints/.
+
+How main() runs, and where a new flag or import goes (keep this order when you add to the script):
+  1. parse_args   argparse only: no torch, models/ or diffusers at module level, so --help answers at once
+  2. check_args   every check that needs no model (easycache.checks); a refusal is one `error:` line
+  3. files        outputs writable, checkpoint files present and readable (still nothing loaded)
+  4. load         heavy imports happen here, inside WanT2V: torch, models/, transformers, diffusers
+  5. run          the sampling loop (WanT2V.generate), then the video and the report
 """
 
 from __future__ import annotations
@@ -15,21 +22,19 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
+from easycache import checks
+from easycache.cli import add_cache_args, add_output_args, check_run_args, no_grad
+from easycache.report import RunOutputs, slug
+from models.loading import check_checkpoint_files, resolve_checkpoint  # standard library only
 
-from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
-from easycache.compare import Generation, generate_and_report
-from easycache.report import RunOutputs, Stopwatch, environment, slug
-from easycache.video import to_uint8_frames
-from models.loading import resolve_checkpoint
-from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
-from models.wan import WAN_CONFIGS, WanConfig, load_wan
-from models.wan_t5 import UMT5_TINY, UMT5_XXL, WAN_NEGATIVE_PROMPT, WanT5Config, WanTextEncoder, pad_context
-from models.wan_vae import WAN_VAE_CONFIG, WAN_VAE_FILE, WAN_VAE_TINY, WanVAE, WanVAEConfig
+if TYPE_CHECKING:
+    from easycache.compare import Generation
+
+# models.wan_vae.WAN_VAE_FILE, repeated so that checking the files needs no models/ (a test keeps them equal)
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,9 @@ class Task:
 
     repo_id: str | None  # Hub repo (None: the checkpoint ships with this repository)
     ckpt_dir: str  # where it lives or is downloaded to
-    dit: WanConfig | None  # None: read the checkpoint's config.json
-    t5: WanT5Config
-    vae: WanVAEConfig
+    dit: str | None  # a preset of models.wan.WAN_CONFIGS; None: read the checkpoint's config.json
+    t5: str  # "umt5-xxl" (official, bf16) or "tiny": models.wan_t5.UMT5_XXL / UMT5_TINY
+    vae: str  # "official" or "tiny": models.wan_vae.WAN_VAE_CONFIG / WAN_VAE_TINY
     sizes: tuple[str, ...]  # the official sizes "W*H"; others (multiples of 16) are allowed with a note
     frame_num: int = 81
     sample_steps: int = 50
@@ -48,7 +53,7 @@ class Task:
     sample_guide_scale: float = 5.0
     fps: int = 16
     text_len: int = 512
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    negative_prompt: str | None = None  # None: the official one (models.wan_t5.WAN_NEGATIVE_PROMPT)
     prompt: str = (  # the official example prompt of t2v tasks
         "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted "
         "stage."
@@ -59,17 +64,17 @@ class Task:
 _WAN_FILES = ["models_t5_umt5-xxl-enc-bf16.pth", WAN_VAE_FILE, "google/umt5-xxl/tokenizer_config.json"]
 TASKS = {
     "t2v-1.3B": Task(
-        "Wan-AI/Wan2.1-T2V-1.3B", "checkpoints/Wan2.1-T2V-1.3B", WAN_CONFIGS["t2v-1.3B"], UMT5_XXL,
-        WAN_VAE_CONFIG, sizes=("832*480", "480*832"),
+        "Wan-AI/Wan2.1-T2V-1.3B", "checkpoints/Wan2.1-T2V-1.3B", "t2v-1.3B", "umt5-xxl", "official",
+        sizes=("832*480", "480*832"),
     ),
     "t2v-14B": Task(
-        "Wan-AI/Wan2.1-T2V-14B", "checkpoints/Wan2.1-T2V-14B", WAN_CONFIGS["t2v-14B"], UMT5_XXL,
-        WAN_VAE_CONFIG, sizes=("1280*720", "720*1280", "832*480", "480*832"),
+        "Wan-AI/Wan2.1-T2V-14B", "checkpoints/Wan2.1-T2V-14B", "t2v-14B", "umt5-xxl", "official",
+        sizes=("1280*720", "720*1280", "832*480", "480*832"),
         weights="diffusion_pytorch_model.safetensors.index.json",
     ),
     # The embedded demo model (train_wan_tiny.py): same classes and file layout, toy sizes, runs on a CPU.
     "tiny": Task(
-        None, "checkpoints/wan-tiny", None, UMT5_TINY, WAN_VAE_TINY, sizes=("64*64",), frame_num=17,
+        None, "checkpoints/wan-tiny", None, "tiny", "tiny", sizes=("64*64",), frame_num=17,
         sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
         prompt="a red circle moving right on a blue background",
     ),
@@ -96,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--offload_model", action="store_true", help="move the DiT to the CPU while the VAE decodes"
     )
     p.add_argument("--t5_cpu", action="store_true", help="keep the umT5 encoder on the CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="default: cuda if available, else cpu (resolved when loading)")
     p.add_argument(
         "--dtype", choices=["bf16", "fp16", "fp32"], help="DiT dtype (default bf16 on CUDA, else fp32)"
     )
@@ -135,32 +140,79 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         )
     if args.sample_steps < 1:
         raise ValueError(f"--sample_steps must be >= 1, got {args.sample_steps}")
+    checks.check_finite(
+        {"--sample_shift": args.sample_shift, "--sample_guide_scale": args.sample_guide_scale}
+    )
+    if args.sample_shift <= 0:
+        raise ValueError(f"--sample_shift must be > 0 (the σ schedule's shift), got {args.sample_shift}")
+    if args.base_seed != -1:
+        checks.check_seed(args.base_seed, "--base_seed", count=args.num_seeds)
     prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
-    if args.base_seed < 0:
+    if args.base_seed == -1:
         args.base_seed = random.randint(0, 2**31 - 1)
     return task, (width, height), prompts
+
+
+def check_dit_header(ckpt_dir: str, task: Task) -> None:
+    """The DiT's config.json and tensor shapes, read from the file headers before any weight is loaded."""
+    import torch
+
+    from models.loading import check_shapes, safetensors_header
+    from models.wan import WAN_CONFIGS, WanConfig, WanModel
+
+    path = os.path.join(ckpt_dir, "config.json")
+    try:
+        config = WAN_CONFIGS[task.dit] if task.dit else WanConfig.from_json(path)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise checks.BadFile(f"{path} does not describe a Wan DiT: {e}") from None
+    weights = os.path.join(ckpt_dir, task.weights)
+    if weights.endswith(".index.json"):
+        return  # shards: their headers are checked by check_checkpoint_files, their shapes when loading
+    with torch.device("meta"):
+        model = WanModel(config)
+    check_shapes(model, {k: s for k, (_, s) in safetensors_header(weights).items()}, source=weights)
 
 
 class WanT2V:
     """The loaded components of one task and how to run them once."""
 
     def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace):
+        import torch  # the heavy imports, after parsing and checking (see the module docstring)
+
+        from models.wan import WAN_CONFIGS, load_wan
+        from models.wan_t5 import UMT5_TINY, UMT5_XXL, WAN_NEGATIVE_PROMPT, WanTextEncoder
+        from models.wan_vae import WAN_VAE_CONFIG, WAN_VAE_TINY, WanVAE
+
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.negative_prompt is None:
+            args.negative_prompt = WAN_NEGATIVE_PROMPT
         self.task, self.args, self.device = task, args, torch.device(args.device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
         ]
         t5_device = "cpu" if args.t5_cpu else self.device
-        t5_dtype = torch.bfloat16 if task.t5 is UMT5_XXL else torch.float32  # official: bf16 umT5
+        t5_dtype = torch.bfloat16 if task.t5 == "umt5-xxl" else torch.float32  # official: bf16 umT5
         self.text_encoder = WanTextEncoder.from_checkpoint(
-            ckpt_dir, config=task.t5, device=t5_device, dtype=t5_dtype, text_len=task.text_len
-        )
-        self.dit = load_wan(ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id)
-        self.vae = WanVAE.from_checkpoint(
-            os.path.join(ckpt_dir, WAN_VAE_FILE), config=task.vae, device=self.device
-        )
+            ckpt_dir, config={"umt5-xxl": UMT5_XXL, "tiny": UMT5_TINY}[task.t5], device=t5_device,
+            dtype=t5_dtype, text_len=task.text_len,
+        )  # fmt: skip
+        dit = WAN_CONFIGS[task.dit] if task.dit else None
+        self.dit = load_wan(ckpt_dir, config=dit, device=self.device, dtype=dtype, repo_id=task.repo_id)
+        vae = {"official": WAN_VAE_CONFIG, "tiny": WAN_VAE_TINY}[task.vae]
+        self.vae = WanVAE.from_checkpoint(f"{ckpt_dir}/{WAN_VAE_FILE}", config=vae, device=self.device)
 
-    @torch.no_grad()
+    @no_grad
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
+        import torch
+        from tqdm import tqdm
+
+        from easycache.cli import make_cache
+        from easycache.compare import Generation
+        from easycache.report import Stopwatch
+        from easycache.video import to_uint8_frames
+        from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
+        from models.wan_t5 import pad_context
+
         args, device = self.args, self.device
         sw = Stopwatch(device)
         with sw.phase("end_to_end"):
@@ -184,6 +236,7 @@ class WanT2V:
                 if cache is None or cache.should_compute(i, latents):
                     with sw.phase("dit"):  # two DiT calls: the CFG branches, named
                         v = {"cond": self.dit(latents, t, ctx), "uncond": self.dit(latents, t, ctx_null)}
+                    checks.check_dit_output(v, i)  # NaN/inf: stop at this step, not at the VAE
                     calls += 2
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
@@ -203,22 +256,32 @@ class WanT2V:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:  # every check that can fail runs before a model is loaded
+    args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag)
+    with checks.refuse_errors(checks.USAGE):  # 2. check the flags: exit 2, nothing loaded
         task, _, prompts = check_args(args)
-        name = f"wan_{args.task}_{args.cache}_{slug(prompts[0])}_{args.base_seed}"
-        out = RunOutputs(args.save_file, args.report, default_name=name, fps=task.fps, lossless=args.lossless)
+        out = RunOutputs(
+            args.save_file, args.report, fps=task.fps, lossless=args.lossless,
+            name=lambda label, prompt, seed: f"wan_{args.task}_{label}_{slug(prompt)}_{seed}",
+            prompts=prompts, seed=args.base_seed, label="compare" if args.compare else args.cache,
+        )  # fmt: skip
+    with checks.refuse_errors(checks.BAD_FILE):  # 3. check the files: exit 1, nothing loaded
         files = [task.weights, *_WAN_FILES, *(["config.json"] if task.dit is None else [])]
         patterns = ["config.json", "diffusion_pytorch_model*", *_WAN_FILES[:2], "google/umt5-xxl/*"]
         ckpt_dir = resolve_checkpoint(
             args.ckpt_dir, repo_id=task.repo_id, files=files, patterns=patterns, default_dir=task.ckpt_dir
         )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    pipe = WanT2V(task, ckpt_dir, args)
+        check_checkpoint_files(ckpt_dir, files)  # headers: truncated, garbled, refused pickles
+        check_dit_header(ckpt_dir, task)
+    with checks.refuse_errors(checks.BAD_FILE):  # 4. load: the heavy imports happen here
+        pipe = WanT2V(task, ckpt_dir, args)
+    from easycache.compare import generate_and_report
+    from easycache.report import environment
+
     report = {"script": "sample_wan.py", "args": vars(args), "environment": environment(pipe.device)}
-    generate_and_report(pipe.generate, prompts, args.base_seed, args, out, report, f"wan {args.task}")
+    with checks.refuse_run_errors():  # 5. run
+        generate_and_report(pipe.generate, prompts, args.base_seed, args, out, report, f"wan {args.task}")
 
 
 if __name__ == "__main__":
+    checks.exit_cleanly_on_sigterm()  # a killed run removes its half-written files too
     main()

@@ -1,16 +1,25 @@
-"""Command-line flags shared by the sample scripts: pick a cache with `--cache` and set its knobs."""
+"""Command-line flags shared by the sample scripts: pick a cache with `--cache` and set its knobs.
+
+Importing this module needs no torch (the cache classes are imported where a cache is built), so that a
+sample script parses and checks its flags, and answers --help, before any heavy import. Keep it that way
+when adding a method: import its module inside the function that builds it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
+from typing import TYPE_CHECKING
 
-from .base import StepCache
-from .baselines import StaticCache, StaticCacheConfig
-from .cache import K_UPDATES, EasyCache, EasyCacheConfig
+if TYPE_CHECKING:
+    from .base import StepCache
+    from .baselines import StaticCacheConfig
+    from .cache import EasyCacheConfig
 
 METHODS = ("easycache", "static", "none", "analyze")
+K_UPDATES = ("local", "mean", "ema")  # easycache.cache.K_UPDATES (a test keeps the two equal)
 
 
 def add_cache_args(parser: argparse.ArgumentParser, *, thresh: float = 0.05, warmup: int = 10) -> None:
@@ -67,6 +76,9 @@ def add_cache_args(parser: argparse.ArgumentParser, *, thresh: float = 0.05, war
 
 def cache_config(args: argparse.Namespace) -> EasyCacheConfig | StaticCacheConfig | None:
     """Validate the cache flags early (before any model is loaded); None for `--cache none`."""
+    from .baselines import StaticCacheConfig
+    from .cache import EasyCacheConfig
+
     if args.cache == "none":
         return None
     if args.cache == "analyze":  # τ = 0, R = 0 computes every step (bit-identical to none) and records k_t
@@ -87,6 +99,9 @@ def make_cache(
     config: EasyCacheConfig | StaticCacheConfig | None, num_steps: int, **kwargs
 ) -> StepCache | None:
     """A fresh cache for one generation (None runs the uncached baseline through the same loop)."""
+    from .baselines import StaticCache, StaticCacheConfig
+    from .cache import EasyCache
+
     if config is None:
         return None
     if isinstance(config, StaticCacheConfig):
@@ -147,6 +162,8 @@ def _ints(text: str) -> list[int]:
 
 def compare_configs(args: argparse.Namespace) -> list[tuple[str, EasyCacheConfig | StaticCacheConfig]]:
     """(label, config) of every cache `--compare` runs against the baseline: the chosen one, or the sweeps."""
+    from .baselines import StaticCacheConfig
+
     if not (args.sweep_thresh or args.sweep_interval):
         if args.cache in ("none", "analyze"):
             raise ValueError(
@@ -186,3 +203,17 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompts file {path} holds no prompt")
     return prompts
+
+
+def no_grad(fn):
+    """`@torch.no_grad()` for a sample script's generate(), importing torch only when it runs: the scripts
+    import torch after parsing and checking their flags (see sample_wan.py's docstring)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run

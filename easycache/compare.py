@@ -153,7 +153,8 @@ def generate_and_report(generate, prompts: list[str], seed: int, args, out, repo
         runs = []
         for i, prompt in enumerate(prompts):
             gen = generate(prompt, seed, cache_config(args))
-            runs.append(out.save_single(gen, prompt=prompt, seed=seed, index=i if len(prompts) > 1 else None))
+            index = i if len(prompts) > 1 else None
+            runs.append(out.save_single(gen, prompt=prompt, seed=seed, index=index, label=args.cache))
             print(summary_line(label, gen, runs[-1]["outputs"]["video"]))
         report.update(runs[0] if len(runs) == 1 else {"runs": runs})
     print(f"report: {write_json(out.report, json_safe(report))}")

@@ -1,4 +1,8 @@
-"""Timing and the JSON run report that every sample script writes next to its video."""
+"""Timing and the JSON run report that every sample script writes next to its video.
+
+Importing this module needs no torch (Stopwatch and environment import it when used), so that a sample
+script can name and check its outputs before any heavy import.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,30 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
+from . import checks
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Stopwatch:
     """Accumulates wall time of named phases; synchronises CUDA around each one so GPU work is counted."""
 
     def __init__(self, device: torch.device | str = "cpu"):
+        import torch
+
         self.device = torch.device(device)
         self.seconds: dict[str, float] = {}  # total per phase
         self._last: dict[str, float] = {}  # duration of the latest block per phase
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)
 
     @contextmanager
@@ -44,6 +57,8 @@ class Stopwatch:
 
 
 def environment(device: torch.device | str) -> dict:
+    import torch
+
     device = torch.device(device)
     env = {
         "torch": torch.__version__,
@@ -93,19 +108,52 @@ def describe_cache(stats: dict | None) -> str:
 
 
 class RunOutputs:
-    """Where a sample script writes its video(s) and report, and how it names them."""
+    """Where a sample script writes its video(s) and report, and how it names them. Every path is checked
+    when this is built (suffix, a folder that can take files), so a bad one fails before any model loads.
+
+    `video`, `report`: the user's paths (None: named by `name(label, prompt, seed)` in `folder`, one name per
+    prompt, seed and cache label: "baseline", "easycache", "static_n_3", ...); `label`: the label of the
+    default report name ("compare" for --compare); `video_flag`: the flag to name in errors.
+    """
 
     def __init__(
-        self, video: str | None, report: str | None, *, default_name: str, fps: float, lossless: bool
+        self,
+        video: str | None,
+        report: str | None,
+        *,
+        fps: float,
+        lossless: bool,
+        name: Callable[[str, str, int], str],
+        prompts: list[str],
+        seed: int,
+        label: str,
+        folder: str = "outputs",
+        video_flag: str = "--save_file",
     ):
-        self.video = video or os.path.join("outputs", f"{default_name}.mp4")
+        self._name, self._folder, self._explicit = name, folder, video is not None
+        self.video = video or os.path.join(folder, f"{name(label, prompts[0], seed)}.mp4")
         if not self.video.endswith(".mp4"):
-            raise ValueError(f"the video is written as .mp4, got {self.video}")
+            raise ValueError(f"{video_flag}: the video is written as .mp4, got {self.video}")
         self.report = report or self.video[: -len(".mp4")] + ".json"
         if not self.report.endswith(".json"):
-            raise ValueError(f"the report is written as .json, got {self.report}")
+            raise ValueError(f"--report: the report is written as .json, got {self.report}")
+        checks.check_writable(self.video, video_flag)
+        checks.check_writable(self.report, "--report")
         self.fps, self.lossless = fps, lossless
         self._baselines: dict[int, dict] = {}  # prompt index -> paths of its baseline video
+        self._used: set[str] = set()
+
+    def _path(self, label: str, prompt: str, seed: int, index: int | None) -> str:
+        """The .mp4 of one video: the user's name plus index and label, or a name of its own prompt."""
+        if self._explicit:
+            stem = self.video[: -len(".mp4")]
+            path = "_".join([stem, *([str(index)] if index is not None else []), *([label] if label else [])])
+        else:
+            path = os.path.join(self._folder, self._name(label, prompt, seed))
+        if path in self._used:  # two prompts with the same first 40 characters
+            path = f"{path}_{index}"
+        self._used.add(path)
+        return f"{path}.mp4"
 
     def _write(self, path_mp4: str, frames) -> dict:
         from .video import LOSSLESS_SUFFIX, write_video
@@ -115,10 +163,11 @@ class RunOutputs:
             paths["lossless"] = write_video(path_mp4[: -len(".mp4")] + LOSSLESS_SUFFIX, frames, self.fps)
         return paths
 
-    def save_single(self, gen, *, prompt: str, seed: int, index: int | None = None) -> dict:
+    def save_single(self, gen, *, prompt: str, seed: int, index: int | None = None, label: str = "") -> dict:
         """Write the video (and lossless copy); return the report section of this generation. `index` numbers
-        the videos of a prompt list."""
-        path = self.video if index is None else f"{self.video[: -len('.mp4')]}_{index}.mp4"
+        the videos of a prompt list; `label` names the cache in a default name."""
+        label = "" if self._explicit else label  # a user's file name is numbered, not labelled
+        path = self.video if index is None else self._path(label, prompt, seed, index)
         return {
             "prompt": prompt,
             "seed": seed,
@@ -130,12 +179,14 @@ class RunOutputs:
         }
 
     def save_pair(self, base, cached, row: dict) -> None:
-        """--compare: write the baseline (once per prompt) and the cached video; the row records both."""
-        stem = f"{self.video[: -len('.mp4')]}_{row['run_index']}"
+        """--compare: write the baseline (once per prompt and seed) and the cached video, each named after its
+        own prompt, seed and cache; the row records both."""
+        index, prompt, seed = row["run_index"], row["prompt"], row["seed"]
         label = re.sub(r"[^A-Za-z0-9.]+", "_", row["label"]).strip("_")
-        baseline = self._baselines.get(row["run_index"]) or self._write(f"{stem}_baseline.mp4", base.frames)
-        self._baselines[row["run_index"]] = baseline
-        row["outputs"] = {"baseline": baseline, "cached": self._write(f"{stem}_{label}.mp4", cached.frames)}
+        if index not in self._baselines:
+            self._baselines[index] = self._write(self._path("baseline", prompt, seed, index), base.frames)
+        cached_paths = self._write(self._path(label, prompt, seed, index), cached.frames)
+        row["outputs"] = {"baseline": self._baselines[index], "cached": cached_paths}
         row["trace"] = cached.trace
 
 

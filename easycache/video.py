@@ -45,11 +45,16 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, lossless: bool | N
     if not lossless and (frames.shape[1] % 2 or frames.shape[2] % 2):
         raise ValueError(f"yuv420p needs an even height and width, got {frames.shape[1]}×{frames.shape[2]}")
     if lossless:
-        options = dict(codec="ffv1", pixelformat="bgr0")
+        # bitexact: no random segment UID or muxing date, so the same frames give the same file bytes
+        options = dict(
+            codec="ffv1", pixelformat="bgr0", output_params=["-fflags", "+bitexact", "-flags:v", "+bitexact"]
+        )
     else:
         options = dict(codec="libx264", pixelformat="yuv420p", quality=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial{suffix}"  # keep the suffix: ffmpeg picks the container from it
+    # x.mp4 is written as x.partial.mp4 (ffmpeg picks the container from the suffix) and renamed at the end;
+    # an exception, Ctrl-C or SIGTERM (the sample scripts turn it into an exit) removes it in `finally`.
+    tmp = f"{path[: -len(suffix)]}.partial{suffix}"
     try:
         imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=1, ffmpeg_log_level="error", **options)
         os.replace(tmp, path)

@@ -1,15 +1,27 @@
-"""Reading official checkpoint files and loading them strictly; clear errors for missing or broken files."""
+"""Reading official checkpoint files and loading them strictly; clear errors for missing or broken files.
+
+Finding and checking files (resolve_checkpoint, require_files, check_checkpoint_files, safetensors_header)
+needs only the standard library at import, so the sample scripts run these checks before any heavy import;
+torch is imported by the functions that read tensors.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import zipfile
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file
-from torch import Tensor, nn
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+# safetensors dtype names -> bytes per element
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                       "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4,
+                       "U64": 8}  # fmt: skip
 
 
 def download_command(
@@ -37,6 +49,9 @@ def require_files(ckpt_dir: str, files: Iterable[str], *, repo_id: str | None) -
 
 def load_file_state_dict(path: str) -> dict[str, Tensor]:
     """A state dict from one .safetensors or .pt/.pth file (pickles are read with weights_only=True)."""
+    import torch
+    from safetensors.torch import load_file
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
@@ -46,7 +61,92 @@ def load_file_state_dict(path: str) -> dict[str, Tensor]:
         # torch's zip format (legacy pickles from torch < 1.6 are read into memory instead).
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # safetensors/pickle errors differ by version; report them in one form
-        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a checkpoint?): {e}") from e
+        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a checkpoint?): {_reason(e)}") from e
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of a loading error (torch's refused-pickle message is ~15 lines of advice)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    key = [line for line in lines if "Unsupported global" in line or "not an allowed global" in line]
+    return (key or lines or [type(e).__name__])[0]
+
+
+def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a .safetensors header, read without loading a tensor. A file cut short, a
+    garbled header or a tensor whose byte range disagrees with its shape raises ValueError."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path} is truncated or not a safetensors file ({n}-byte header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: the safetensors header is not JSON (a damaged file?)") from None
+    out, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            count = _SAFETENSORS_DTYPES[dtype] * math.prod(shape)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: bad header entry for {name!r}: {info}") from None
+        if stop - begin != count:
+            raise ValueError(f"{path}: {name} {list(shape)} {dtype} needs {count} bytes, not {stop - begin}")
+        out[name], end = (dtype, shape), max(end, stop)
+    if 8 + n + end > size:
+        raise ValueError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
+    return out
+
+
+def check_checkpoint_files(folder: str, files: Iterable[str]) -> None:
+    """Read the headers of `files` in `folder` before anything loads: safetensors headers and sizes (and the
+    shards an index lists), JSON that parses, .pt/.pth files in torch's zip format whose pickle needs no
+    global that `torch.load(weights_only=True)` would refuse. ValueError names the file and the fault."""
+    for name in files:
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            safetensors_header(path)
+        elif name.endswith(".json"):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path} is not valid JSON ({e})") from None
+            if name.endswith(".safetensors.index.json"):
+                shards = sorted(set(data.get("weight_map", {}).values())) if isinstance(data, dict) else []
+                if not shards:
+                    raise ValueError(f"{path} has no weight_map")
+                require_files(os.path.dirname(path), shards, repo_id=None)
+                for shard in shards:
+                    safetensors_header(os.path.join(os.path.dirname(path), shard))
+        elif name.endswith((".pt", ".pth")):
+            check_torch_file(path)
+
+
+def check_torch_file(path: str) -> None:
+    """A .pt/.pth file that `torch.load(weights_only=True)` will read: torch's zip format, complete, and no
+    pickled global outside torch's allow-list (one that would run code is refused here, unread)."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # a legacy (torch < 1.6) pickle starts with the PROTO opcode
+                raise ValueError(f"{path} is truncated or not a torch checkpoint (no zip directory)")
+        return
+    import torch
+
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # a damaged zip member, a pickle cut short
+        raise ValueError(f"cannot read checkpoint {path} (corrupt?): {_reason(e)}") from None
+    if unsafe:
+        raise ValueError(
+            f"{path} pickles {', '.join(unsafe[:3])}, which torch.load(weights_only=True) refuses to run: "
+            "not a plain weights file; re-save it as a state dict of tensors"
+        )
 
 
 def load_sharded_safetensors(ckpt_dir: str, name: str = "diffusion_pytorch_model") -> dict[str, Tensor]:
@@ -74,29 +174,35 @@ def load_sharded_safetensors(ckpt_dir: str, name: str = "diffusion_pytorch_model
     return state_dict
 
 
-def load_strict(model: nn.Module, state_dict: dict[str, Tensor], *, source: str = "checkpoint") -> nn.Module:
-    """Load with strict key and shape checks, assigning tensors (a model built on the meta device takes the
-    loaded storage instead of a copy). Every mismatch is listed in one error."""
+def check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], *, source: str = "checkpoint") -> None:
+    """Strict key and shape check of `shapes` ({key: shape}, e.g. from safetensors_header, so it can run
+    before any weight is read) against `model` (built on the meta device). Every mismatch in one error."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [
-        f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(v.shape)} in the model"
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = [
+        f"{k}: {tuple(shapes[k])} in {source}, {tuple(v.shape)} in the model"
         for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
+        if k in shapes and tuple(shapes[k]) != tuple(v.shape)
     ]
-    if missing or unexpected or shapes:
+    if missing or unexpected or mismatched:
         lines = [f"{source} does not match {type(model).__name__}:"]
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
-            ("shape mismatches", shapes),
+            ("shape mismatches", mismatched),
         ):
             if items:
                 lines.append(
                     f"  {len(items)} {title}: " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
                 )
         raise ValueError("\n".join(lines))
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, Tensor], *, source: str = "checkpoint") -> nn.Module:
+    """Load with strict key and shape checks, assigning tensors (a model built on the meta device takes the
+    loaded storage instead of a copy). Every mismatch is listed in one error."""
+    check_shapes(model, {k: tuple(v.shape) for k, v in state_dict.items()}, source=source)
     model.load_state_dict(state_dict, strict=True, assign=True)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
