@@ -2,7 +2,8 @@
 
 Paper: Zhou, Liang et al., "Less is Enough: Training-Free Video Diffusion Acceleration via Runtime-Adaptive
 Caching", arXiv 2507.02860, Sec. 3. Authors' code: github.com/H-EmbodVis/EasyCache (the decision below
-reproduces it step for step; see ../shared spec/method.md in the project docs).
+reproduces it step for step). docs/method.md states the rule, its symbols and the choices kept;
+reference.py holds it as 25 plain lines.
 
 Symbols (paper -> code), at sampling step t with i the last fully computed step and j the one before:
     x_t                      DiT input (noisy latent)                    `x`

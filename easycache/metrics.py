@@ -1,6 +1,6 @@
 """Fidelity of a cached video against the uncached one of the same seed: PSNR, SSIM, LPIPS; and latent errors.
 
-Conventions (spec/method.md):
+Conventions (docs/method.md, "Measuring"):
 - PSNR "global" is the authors' (EasyCache, tools/video_metrics.py): one MSE over every frame and pixel of the
   8-bit videos. PSNR "per-frame" is the mean of per-frame PSNRs (TeaCache/MagCache); it reads higher, because
   the few bad frames weigh less. Both are reported; identical inputs give inf.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from easycache import EasyCache, EasyCacheConfig
+from easycache.reference import reference_sampling
 
 
 def run(cache, xs, model):
@@ -157,34 +158,6 @@ def test_cfg_level_caching_equals_per_branch_caching():
         x1 = x1 - 0.05 * out1
         x2 = x2 - 0.05 * out2
     assert 0 < per_branch.stats["num_skipped"] < 16
-
-
-def reference_sampling(x, model, n, thresh, warmup, dt=0.04):
-    """An independent statement of the authors' rule (spec/method.md), driving an Euler loop."""
-    norm = lambda t: t.abs().mean().item()  # noqa: E731
-    prev_x = last_x = last_v = None
-    k, acc, pattern = None, 0.0, ""
-    for t in range(n):
-        if t < warmup or t == n - 1:
-            compute, acc = True, 0.0
-        elif k is None:
-            compute = True
-        else:
-            acc += k * norm(x - prev_x) / norm(last_v)
-            compute = acc >= thresh
-            if compute:
-                acc = 0.0
-        prev_x = x
-        if compute:
-            v = model(x, t)
-            if last_v is not None:
-                k = norm(v - last_v) / norm(x - last_x)
-            last_x, last_v = x, v
-        else:
-            v = x + (last_v - last_x)
-        pattern += "C" if compute else "S"
-        x = x - dt * v
-    return pattern, x
 
 
 @pytest.mark.parametrize("seed", range(4))
