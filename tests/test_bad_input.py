@@ -272,3 +272,17 @@ def test_help_and_flag_errors_import_no_torch(script, bad):
     for argv in (["--help"], bad.split()):
         run = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True)
         assert run.stdout.strip().splitlines()[-1] == f"code {0 if argv == ['--help'] else 2} heavy []", run
+
+
+def test_constants_repeated_for_light_imports_match_their_source():
+    # The scripts and easycache.cli repeat a few names so that parsing and checking import no torch.
+    from easycache import cli
+    from easycache.cache import K_UPDATES
+    from models.opensora import HUB_REPO
+    from models.opensora_text import DEFAULT_AES, T5_REPO_ID
+    from models.opensora_vae import REPO_ID
+    from models.wan_vae import WAN_VAE_FILE
+
+    assert cli.K_UPDATES == K_UPDATES and sample_wan.WAN_VAE_FILE == WAN_VAE_FILE
+    assert [repo for repo, *_ in sample_opensora.CHECKPOINTS.values()] == [HUB_REPO, REPO_ID, T5_REPO_ID]
+    assert sample_opensora.parse_args([]).aes == DEFAULT_AES
