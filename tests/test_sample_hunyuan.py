@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel,
 
 import sample_hunyuan
 from easycache import EasyCacheConfig
+from easycache.report import slug
 from easycache.video import read_video
 from models.hunyuan import CKPT_FILE, HunyuanVideoConfig, convert_diffusers_to_official
 from models.hunyuan_text import CROP_START_VIDEO, PROMPT_TEMPLATE_ENCODE_VIDEO
@@ -201,7 +202,8 @@ def test_save_path_is_a_folder_and_prompt_lists(model_base, tmp_path):
     prompts.write_text(f"# two captions\n{OTHER}\n\n{PROMPT}\n")
     sample_hunyuan.main(argv(model_base, "--save-path", str(tmp_path / "out"), "--prompts", str(prompts)))
     stem = "hunyuan_t2v-720p_easycache_a_green_square_moving_up_on_a_black_back_3"  # official: a folder
-    assert sorted(os.listdir(tmp_path / "out")) == [f"{stem}.json", f"{stem}_0.mp4", f"{stem}_1.mp4"]
+    other = f"hunyuan_t2v-720p_easycache_{slug(PROMPT)}_3"  # every video is named after its own prompt
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([f"{stem}.json", f"{stem}.mp4", f"{other}.mp4"])
     report = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
     assert [r["prompt"] for r in report["runs"]] == [OTHER, PROMPT]
 
