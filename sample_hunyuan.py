@@ -198,18 +198,20 @@ class HunyuanT2V:
             )
             steps = num_steps or args.infer_steps
             solver = FlowEuler(hunyuan_sigmas(steps, args.flow_shift))
-            cache, calls = make_cache(cache_cfg, steps), 0
+            cache, calls = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist()), 0
             self.dit.to(device)
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).expand(1)  # [1] float σ·1000
                 if cache is None or cache.should_compute(i, latents):
                     with sw.phase("dit"):  # one DiT call per branch (the official batches CFG's two)
-                        v = {k: self.dit(latents, t, *text[k], g_in) for k in text}
+                        # TeaCache, MagCache and PAB act inside the DiT through one hook per call (else None).
+                        hooks = {k: cache.hook(k) if cache is not None else None for k in text}
+                        v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k]) for k in text}
                     calls += len(v)
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
-                    v = cache.reuse(latents)  # EasyCache: v̂ = x_t + Δ_i for every branch, no DiT call
+                    v = cache.reuse(latents)  # EasyCache/static: v̂ = x_t + Δ_i for every branch, no DiT call
                 noise_pred = v["cond"]
                 if "uncond" in v:  # true CFG
                     noise_pred = v["uncond"] + args.cfg_scale * (v["cond"] - v["uncond"])

@@ -178,20 +178,21 @@ class OpenSoraT2V:
             hh, ww = (torch.tensor([float(v)], device=device) for v in (height, width))  # [1] pixels each
             steps = num_steps or args.num_sampling_steps
             solver = RFEuler(*opensora_timesteps(steps, height=height, width=width, num_frames=frames))
-            cache, calls = make_cache(cache_cfg, steps), 0
+            cache, calls = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist()), 0
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).repeat(2)  # [2]
                 if cache is None or cache.should_compute(i, latents):
                     # ONE batched DiT call on [z; z] with [y; y_null], as the official RF sampler
                     with sw.phase("dit"):
-                        pred = self.dit(torch.cat([latents, latents]), t, y, mask, fps, hh, ww)  # [2,8,T,h,w]
+                        hook = cache.hook("batch") if cache is not None else None  # TeaCache, MagCache, PAB
+                        pred = self.dit(torch.cat([latents, latents]), t, y, mask, fps, hh, ww, cache=hook)
                         pred = pred[:, : self.dit.config.in_channels]  # velocity; the rest is the unused σ
                         v = {"cond": pred[:1], "uncond": pred[1:]}  # split first: one Δ per CFG half
                     calls += 1  # NFE counts batched calls: one per computed step
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
-                    v = cache.reuse(latents)  # EasyCache: v̂ = x_t + Δ_i for both halves, no DiT call
+                    v = cache.reuse(latents)  # EasyCache/static: v̂ = x_t + Δ_i for both halves, no DiT call
                 noise_pred = v["uncond"] + args.cfg_scale * (v["cond"] - v["uncond"])  # x0 − noise direction
                 latents = solver.step(noise_pred, i, latents)  # [1, 4, T, h, w] fp32
             with sw.phase("vae"):
