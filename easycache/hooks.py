@@ -93,7 +93,8 @@ class HookCache(StepCache):
             raise ValueError(f"branches must be 'separate' or a branch name, got {branches!r}")
         self.branches = branches
         # Analytic FLOPs of one DiT call: "call" (all of it), "blocks" (the block stack), and per layer
-        # "spatial" / "temporal" / "cross" attention; without it the work ratio is not reported.
+        # "spatial" / "temporal" / "cross" attention (one number, or a list by layer); without it the work
+        # ratio is not reported.
         self.cost = cost
         self._residual: dict[str, Tensor] = {}  # branch -> x_out − x_in of its last computed block stack
         self._calls: list[BlockHook] = []  # every hook that decided, in order

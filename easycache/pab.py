@@ -125,7 +125,7 @@ class PAB(HookCache):
         stored = self._outputs.get(key)
         if stored is not None and self.config.broadcast(kind, hook.step, self.timesteps[hook.step]):
             self.counts[kind]["broadcast"] += 1
-            self._broadcast_calls.setdefault(id(hook), []).append(kind)
+            self._broadcast_calls.setdefault(id(hook), []).append((kind, layer))
             return stored
         out = fn(*args)
         self._outputs[key] = out
@@ -133,7 +133,13 @@ class PAB(HookCache):
         return out
 
     def _saved(self, hook: BlockHook) -> float:
-        return sum(self.cost.get(kind, 0.0) for kind in self._broadcast_calls.get(id(hook), []))
+        """FLOPs of the attentions broadcast in this call; a cost entry is one number for every layer or a
+        list per layer (HunyuanVideo's double and single blocks differ)."""
+        saved = 0.0
+        for kind, layer in self._broadcast_calls.get(id(hook), []):
+            c = self.cost.get(kind, 0.0)
+            saved += c[layer] if isinstance(c, (list, tuple)) else c
+        return saved
 
     @property
     def stats(self) -> dict:

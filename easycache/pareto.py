@@ -5,7 +5,9 @@
     python -m easycache.pareto outputs/sweep.json -o outputs/pareto.png --x nfe_ratio
 
 Each point is a cache configuration (label), at the mean over all (prompt, seed) pairs, with ± one standard
-deviation as error bars; EasyCache and static caching get one line each.
+deviation as error bars; every method of the report (easycache, static, teacache, magcache, pab) gets one line
+and one colour. `--x work_ratio` puts them all on the analytic-FLOPs axis (PAB saves FLOPs inside DiT calls,
+so its NFE ratio is 1).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import json
 import math
 import os
 
-X_KEYS = {"nfe_ratio": "NFE ratio (DiT calls saved)", "speedup_dit": "DiT speed-up", "speedup_e2e":
-          "end-to-end speed-up"}  # fmt: skip
+X_KEYS = {"nfe_ratio": "NFE ratio (DiT calls saved)", "work_ratio": "work ratio (DiT FLOPs saved, analytic)",
+          "speedup_dit": "DiT speed-up", "speedup_e2e": "end-to-end speed-up"}  # fmt: skip
+# One colour per method, the same in every plot.
+COLORS = {"easycache": "tab:red", "static": "tab:gray", "teacache": "tab:blue", "magcache": "tab:green",
+          "pab": "tab:orange"}  # fmt: skip
 Y_KEYS = {"psnr_global": "PSNR, global MSE (dB)", "psnr_per_frame": "PSNR, per-frame mean (dB)",
           "ssim": "SSIM", "latent_psnr": "latent PSNR (dB)"}  # fmt: skip
 
@@ -51,7 +56,9 @@ def plot(reports: list[str], path: str, x: str = "nfe_ratio", y: str = "psnr_glo
         name = os.path.basename(report_path) if len(reports) > 1 else ""
         for method, pts in curves.items():
             _, xs, xerr, ys, yerr = zip(*pts)
-            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=f"{method} {name}".strip())
+            style = {"color": COLORS[method]} if method in COLORS and len(reports) == 1 else {}
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=f"{method} {name}".strip(),
+                        **style)  # fmt: skip
             for label, px, _, py, _ in pts:
                 ax.annotate(label.split(" ", 1)[-1], (px, py), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)  # fmt: skip

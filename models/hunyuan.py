@@ -569,6 +569,24 @@ class HunyuanVideoModel(nn.Module):
 #################################################################################
 
 
+def flops_per_call(config: HunyuanVideoConfig, grid: tuple[int, int, int], text_len: int, batch: int = 1):
+    """Analytic FLOPs (2 per multiply-add) of one forward on a patch grid (t, h, w) with `text_len` text
+    tokens (the token refiner and the embedders not counted): the call, the block stacks, and per layer the
+    part PAB broadcasts ("spatial": double blocks: projections + joint attention; single: attention)."""
+    N, L, D, M = math.prod(grid), text_len, config.hidden_size, config.mlp_hidden_dim  # noqa: N806
+    S = N + L  # noqa: N806
+    attn_double = 6 * S * D * D + 4 * S * S * D  # q, k, v of both streams and the joint attention
+    double = attn_double + 2 * S * D * D + 4 * S * D * M  # + output projections and the two MLPs
+    attn_single = 4 * S * S * D
+    single = attn_single + 2 * S * D * (3 * D + M) + 2 * S * (D + M) * D  # + linear1, linear2
+    nd, ns = config.mm_double_blocks_depth, config.mm_single_blocks_depth
+    blocks = nd * double + ns * single
+    patch = math.prod(config.patch_size)
+    embed_head = 2 * N * D * config.in_channels * patch + 2 * N * D * patch * config.out_channels
+    cost = {"call": blocks + embed_head, "blocks": blocks, "spatial": [attn_double] * nd + [attn_single] * ns}
+    return {k: [batch * x for x in v] if isinstance(v, list) else float(batch * v) for k, v in cost.items()}
+
+
 def load_hunyuan(
     path: str,
     *,

@@ -439,6 +439,25 @@ class STDiT3(nn.Module):
         return text_lengths(mask, b, y.shape[2])
 
 
+def flops_per_call(config: STDiT3Config, grid: tuple[int, int, int], batch: int = 1) -> dict:
+    """Analytic FLOPs (2 per multiply-add) of one forward on a patch grid (t, h, w) with the full caption
+    length: the whole call, the block stack, and per block its spatial/temporal self- and cross-attention;
+    for caches' work ratios. Layers alternate spatial (2i) and temporal (2i+1) as in the cache seam."""
+    T, S, D = grid[0], grid[1] * grid[2], config.hidden_size  # noqa: N806 (the shape letters)
+    N, L = T * S, config.model_max_length  # noqa: N806
+    spatial = 8 * N * D * D + 4 * T * S * S * D  # q, k, v, proj; attention within each frame
+    temporal = 8 * N * D * D + 4 * S * T * T * D  # attention across frames at each position
+    cross = 4 * N * D * D + 4 * L * D * D + 4 * N * L * D
+    mlp = 4 * N * D * int(D * config.mlp_ratio)
+    blocks = config.depth * (spatial + temporal + 2 * (cross + mlp))
+    patch = math.prod(config.patch_size)
+    embed = 2 * N * D * config.in_channels * patch + 2 * L * (config.caption_channels * D + D * D)
+    head = 2 * N * D * patch * config.out_channels
+    cost = {"call": embed + blocks + head, "blocks": blocks, "spatial": spatial, "temporal": temporal,
+            "cross": cross}  # fmt: skip
+    return {k: float(batch * v) for k, v in cost.items()}
+
+
 def text_lengths(mask: Tensor, batch: int, length: int) -> Tensor:
     """Valid-token counts [B] of a prefix mask [B or B/2, L] (CFG passes the conditional mask once)."""
     if mask.ndim != 2 or mask.shape[1] != length or mask.shape[0] == 0 or batch % mask.shape[0]:
