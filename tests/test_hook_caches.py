@@ -429,3 +429,29 @@ def test_calibration_fits_the_polynomial_and_the_ratios(tmp_path):
     assert np.allclose(cfg.coefficients, true, atol=1e-6)
     cfg = cache_config(parse("--cache", "magcache", "--magcache.mag_ratios", str(tmp_path / "calib.json")))
     assert set(cfg.mag_ratios) == {"cond", "uncond"} and len(cfg.mag_ratios["cond"]) == 10
+
+
+def test_pareto_merges_reports_split_by_seed_and_prints_the_table(tmp_path, capsys):
+    from easycache.pareto import main as pareto_main
+    from easycache.pareto import merge, points
+
+    def row(label, seed, nfe, work, psnr):
+        return {"label": label, "seed": seed, "nfe_ratio": nfe, "work_ratio": work, "psnr_global": psnr,
+                "speedup_dit": nfe, "ssim": 0.99, "cache_stats": {"method": label.split()[0]}}  # fmt: skip
+
+    paths = []
+    for seed, shift in ((1, 0.0), (2, 2.0)):
+        rows = [row("teacache rel_l1_thresh=0.05", seed, 2.0, 1.9, 40.0 + shift),
+                row("pab spatial_range=2", seed, 1.0, 1.4, 30.0 + shift)]  # fmt: skip
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"comparison": {"rows": rows, "means": {}}}))
+        paths.append(str(path))
+    merged = merge([json.loads(open(p).read()) for p in paths])
+    m = merged["comparison"]["means"]["teacache rel_l1_thresh=0.05"]
+    assert m["num_prompts"] == 2 and m["psnr_global"] == 41.0 and m["psnr_global_std"] == 1.0
+    curves = points(merged, "work_ratio", "psnr_global")
+    assert set(curves) == {"teacache", "pab"} and curves["pab"][0][1] == 1.4
+    pareto_main([*paths, "--merge", "--table", "--x", "work_ratio", "-o", str(tmp_path / "m.png")])
+    out = capsys.readouterr().out
+    assert "| pab spatial_range=2 | 2 | 1.00× | 1.40× |" in out and "41.0 ± 1.0" in out
+    assert (tmp_path / "m.png").read_bytes().startswith(b"\x89PNG")
