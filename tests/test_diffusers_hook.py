@@ -230,3 +230,65 @@ def test_image_to_video_and_two_experts(tmp_path, experts):
     assert np.abs(cached - base).max() < 0.5
     with pytest.raises(ValueError, match="no EasyCache"):
         apply_easycache(pipe.transformer, config, num_inference_steps=steps, share_steps_with=pipe.vae)
+
+
+#####  the project's converter: official layout -> diffusers, and the demo model through WanPipeline  #####
+
+
+def test_dit_converter_round_trip():
+    from models.wan import WanModel, convert_diffusers_to_official, convert_official_to_diffusers
+
+    for model_type, in_dim in (("t2v", 16), ("i2v", 36)):
+        cfg = WanConfig(model_type=model_type, in_dim=in_dim, text_len=TEXT_LEN, dim=32, ffn_dim=64,
+                        text_dim=16, num_heads=2, num_layers=2)  # fmt: skip
+        official = WanModel(cfg).state_dict()
+        converted = convert_official_to_diffusers(official, cfg)
+        reference = WanTransformer3DModel(**cfg.diffusers_kwargs()).state_dict()
+        assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in reference.items()}
+        back = convert_diffusers_to_official(converted)
+        assert back.keys() == official.keys() and all(back[k] is official[k] for k in official)
+    with pytest.raises(ValueError, match="unknown keys"):
+        convert_official_to_diffusers({**official, "extra.weight": torch.zeros(1)}, cfg)
+
+
+def test_official_schedule_matches_flow_unipc():
+    from models.solvers import FlowUniPC, wan_sigmas
+    from models.wan_diffusers import wan_scheduler
+
+    for steps, shift in ((50, 3.0), (25, 5.0)):
+        scheduler = wan_scheduler(shift)
+        scheduler.set_timesteps(steps)
+        solver = FlowUniPC(wan_sigmas(steps, shift))
+        assert torch.equal(scheduler.timesteps, solver.timesteps)
+        assert torch.equal(scheduler.sigmas, solver.sigmas)
+
+
+@pytest.mark.slow
+def test_demo_model_through_wan_pipeline_matches_sample_wan():
+    """checkpoints/wan-tiny converted by the project's converter -> WanPipeline + the hook: the same computed
+    steps and the same video (PSNR >= 40 dB) as `sample_wan.py --task tiny` with EasyCache on, same seed."""
+    import sample_wan
+    from easycache.metrics import psnr_global
+    from models.wan_diffusers import wan_pipeline_from_official
+    from tests.test_wan_tiny import CKPT
+
+    args = sample_wan.parse_args(["--task", "tiny", "--quiet"])
+    task, _, _ = sample_wan.check_args(args)
+    config, seed = EasyCacheConfig(), 42  # the paper's setting, 50 steps: the script's defaults
+    ours = sample_wan.WanT2V(task, CKPT, args).generate(task.prompt, seed, config)
+    pipe = wan_pipeline_from_official(CKPT, t5=task.t5, vae=task.vae, shift=task.sample_shift)
+    pipe.set_progress_bar_config(disable=True)
+    apply_easycache(pipe.transformer, config, num_inference_steps=args.sample_steps)
+    calls = Calls(pipe.transformer)
+    frames = pipe(prompt=task.prompt, negative_prompt=args.negative_prompt, height=64, width=64,
+                  num_frames=args.frame_num, num_inference_steps=args.sample_steps,
+                  guidance_scale=args.sample_guide_scale, generator=torch.Generator().manual_seed(seed),
+                  max_sequence_length=task.text_len, output_type="np").frames[0]  # fmt: skip
+    cache = get_easycache(pipe.transformer)
+    assert cache.stats["computed_steps"] == ours.cache_stats["computed_steps"]
+    assert cache.stats["num_skipped"] >= 20 and calls.n == ours.dit_calls  # 23 of 50 computed (measured)
+    video = (frames * 255).round().astype(np.uint8)  # the pipeline's [0, 1] floats -> 8-bit, as the script
+    # Same weights, same schedule, two implementations of each component (diffusers' WanTransformer3DModel vs
+    # models.wan, in fp32): measured 95 dB on this machine; 40 dB is the issue's bar and leaves room for
+    # other CPUs' kernels.
+    assert psnr_global(video, ours.frames) >= 40.0
