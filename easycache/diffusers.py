@@ -42,7 +42,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import Tensor, nn
 
@@ -65,7 +65,7 @@ class StepClock:
         self._branches: set[str] = set()  # branches already called in this step
         self._t: float | None = None  # noise level (largest timestep value) of this step
 
-    def advance(self, branch: str, timestep, context: CacheContext | None) -> tuple[int, int]:
+    def advance(self, branch: str, timestep, context) -> tuple[int, int]:
         """(generation, step) of a call of `branch` at `timestep`."""
         index = getattr(context, "step_index", None)
         total = getattr(context, "num_inference_steps", None)
@@ -91,16 +91,25 @@ class StepClock:
         self._branches.add(branch)
         return self.generation, self.step
 
+    def finish(self) -> None:
+        """The pipeline run is over (diffusers resets stateful hooks at its end): check it, start afresh."""
+        self._check_finished()
+        self.reset()
+
+    def _check_finished(self) -> None:
+        if self.generation >= 0 and self.step < self.num_steps - 1:
+            # The forced last step never came: the run was interrupted or had fewer steps than announced.
+            warnings.warn(
+                f"EasyCache: the pipeline run stopped after step {self.step} of the {self.num_steps} given "
+                "to apply_easycache (interrupted, or a different num_inference_steps)",
+                stacklevel=5,
+            )
+
     def _start(self, step: int, *, restart: bool, t: float | None) -> None:
         if not 0 <= step < self.num_steps:
             raise ValueError(f"step {step} is outside the {self.num_steps} steps apply_easycache was given")
         if restart:
-            if self.generation >= 0 and self.step < self.num_steps - 1:
-                warnings.warn(
-                    f"EasyCache: the previous pipeline run stopped after step {self.step} of "
-                    f"{self.num_steps} (interrupted, or fewer steps than num_inference_steps)",
-                    stacklevel=4,
-                )
+            self._check_finished()
             self.generation += 1
         self.step, self._t, self._branches = step, t, set()
 
@@ -164,7 +173,7 @@ class EasyCacheHook(ModelHook):
         self._finish_step()
         last = self.cache
         self.contexts.reset()
-        self.clock.reset()
+        self.clock.finish()
         self._reset()
         self.cache = last
         return module
@@ -173,8 +182,10 @@ class EasyCacheHook(ModelHook):
     def new_forward(self, module: nn.Module, *args, **kwargs):
         bound = self._signature.bind(module, *args, **kwargs).arguments
         hidden_states = bound["hidden_states"]  # [B, C_in, F, H, W]
-        context = self.contexts._context  # None outside any cache_context
-        branch = context.name if context is not None else DEFAULT_BRANCH
+        # The pipeline's cache_context: a CacheContext (diffusers >= 0.42: name, step_index, ...), a plain
+        # name in older versions, None outside any cache_context.
+        context = getattr(self.contexts, "_context", getattr(self.contexts, "_current_context", None))
+        branch = DEFAULT_BRANCH if context is None else getattr(context, "name", context)
         generation, step = self.clock.advance(branch, bound.get("timestep"), context)
         if (generation, step) != (self._generation, self._step):
             self._begin_step(generation, step, hidden_states[:, : self.latent_channels])
@@ -300,9 +311,7 @@ def apply_easycache(
     else:
         clock = StepClock(num_inference_steps)
     hook = EasyCacheHook(config, num_inference_steps, clock, latent_channels, group)
-    registry.register_hook(hook, HOOK_NAME)
-    # diffusers caches the list of hooked submodules for cache_context; a new hook must be seen by it.
-    registry.invalidate_child_registries_cache()
+    registry.register_hook(hook, HOOK_NAME)  # on the transformer itself: cache_context always reaches it
 
 
 def get_easycache(transformer: nn.Module) -> EasyCache | None:
@@ -318,7 +327,6 @@ def remove_easycache(transformer: nn.Module) -> EasyCache | None:
     cache = get_easycache(transformer)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.remove_hook(HOOK_NAME, recurse=False)
-    registry.invalidate_child_registries_cache()
     return cache
 
 
