@@ -189,17 +189,17 @@ class EasyCacheHook(ModelHook):
         generation, step = self.clock.advance(branch, bound.get("timestep"), context)
         if (generation, step) != (self._generation, self._step):
             self._begin_step(generation, step, hidden_states[:, : self.latent_channels])
+        if self._names is not None and branch not in self._names:
+            raise RuntimeError(
+                f"EasyCache: branch {branch!r} appeared at step {step}; the branches of this run are "
+                f"{', '.join(self._names)} (one cache serves one set of cache_context names)"
+            )
         if self._compute:
             output = self.fn_ref.original_forward(*args, **kwargs)
             self._outputs[branch] = output[0]  # tuple or Transformer2DModelOutput: the sample comes first
             if self._names is not None and set(self._outputs) == set(self._names):
                 self._finish_step()  # every branch is in: hand the step to EasyCache now
             return output
-        if branch not in self._reused:
-            raise RuntimeError(
-                f"EasyCache: branch {branch!r} is called at step {step}, which reuses the cached Δ, but it "
-                f"was not part of the last computed step ({', '.join(self._reused)})"
-            )
         v = self._reused[branch]  # v̂_t = x_t + Δ_i of this branch, [B, C_out, F, H, W]
         if bound.get("return_dict", True):
             return Transformer2DModelOutput(sample=v)

@@ -193,6 +193,22 @@ def test_bad_use_is_refused(wan):
         remove_easycache(wan.transformer)
     with pytest.raises(ValueError, match="no EasyCache"):
         get_easycache(wan.transformer)
+    # Called by hand: a branch that was not part of the run's computed steps is refused, not guessed.
+    t = wan.transformer
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 2, 4, 4), encoder_hidden_states=torch.randn(1, TEXT_LEN, 64)
+    )
+    apply_easycache(t, EasyCacheConfig(warmup=1), num_inference_steps=4)
+    try:
+        for step, name in enumerate(["cond", "cond", "other"]):
+            with t.cache_context(name), torch.no_grad():
+                if name == "other":
+                    with pytest.raises(RuntimeError, match="branch 'other' appeared at step 2"):
+                        t(timestep=torch.tensor([900 - 100 * step]), **inputs)
+                else:
+                    t(timestep=torch.tensor([900 - 100 * step]), **inputs)
+    finally:
+        remove_easycache(t)
 
 
 @pytest.mark.parametrize("experts", [1, 2])
