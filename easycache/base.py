@@ -34,16 +34,22 @@ class StepCache:
         reuse_output: bool = False,
         branch: str | None = None,
         group: dist.ProcessGroup | None = None,
+        first_step: int = 0,
     ):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if isinstance(first_step, bool) or not isinstance(first_step, int) or not 0 <= first_step < num_steps:
+            raise ValueError(f"first_step must be an int in [0, {num_steps}), got {first_step!r}")
         self.num_steps = num_steps
         self.reuse_output = reuse_output
         self.branch = branch  # the branch whose output the statistics read (None: the first one)
         # With a process group, every norm is reduced over all ranks, so ranks that hold different samples
         # of one batch still take the same decision (as if the whole batch were on one device).
         self.group = group
-        self._step = -1  # last step decided
+        # Last step decided. A cache may join a generation late (`first_step` > 0: the second expert of
+        # Wan2.2, which takes over at the boundary step); steps keep their global numbers, so the warm-up
+        # and the forced last step mean the same sampling steps for every expert.
+        self._step = first_step - 1
         self._pending: bool | None = None  # decision of `_step` still waiting for update()/reuse()
         self._shape: torch.Size | None = None
         self._prev_x: Tensor | None = None  # input of the previous step, computed or not

@@ -86,10 +86,18 @@ class EasyCache(StepCache):
 
     method = "easycache"
 
-    def __init__(self, config: EasyCacheConfig, num_steps: int, *, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        config: EasyCacheConfig,
+        num_steps: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        first_step: int = 0,
+    ):
         if not isinstance(config, EasyCacheConfig):
             raise TypeError(f"config must be an EasyCacheConfig, got {type(config).__name__}")
-        super().__init__(num_steps, reuse_output=config.reuse_output, branch=config.branch, group=group)
+        kw = dict(reuse_output=config.reuse_output, branch=config.branch, group=group, first_step=first_step)
+        super().__init__(num_steps, **kw)
         if config.warmup >= num_steps:
             raise ValueError(
                 f"EasyCacheConfig.warmup (R={config.warmup}) must be smaller than the {num_steps} sampling "

@@ -627,3 +627,27 @@ def convert_diffusers_to_official(state_dict: dict[str, Tensor]) -> dict[str, Te
     if unknown:
         raise ValueError(f"keys with no official Wan2.1 name (not a WanTransformer3DModel?): {unknown[:10]}")
     return out
+
+
+def convert_official_to_diffusers(state_dict: dict[str, Tensor], config: WanConfig) -> dict[str, Tensor]:
+    """The inverse of `convert_diffusers_to_official`: official keys -> `WanTransformer3DModel` keys.
+
+    The table is derived from the diffusers model of the same config (its keys, renamed one way), so the two
+    directions cannot drift apart; every key must be matched, no tensor is reshaped.
+    """
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        reference = WanTransformer3DModel(**config.diffusers_kwargs())
+    to_diffusers = {}
+    for key in reference.state_dict():
+        (official,) = convert_diffusers_to_official({key: None})
+        to_diffusers[official] = key
+    unknown = sorted(set(state_dict) - set(to_diffusers))
+    missing = sorted(set(to_diffusers) - set(state_dict))
+    if unknown or missing:
+        raise ValueError(
+            f"not a Wan2.1 {config.model_type} DiT of this config: unknown keys {unknown[:10]}, "
+            f"missing keys {missing[:10]}"
+        )
+    return {to_diffusers[k]: v for k, v in state_dict.items()}
