@@ -10,7 +10,7 @@ Flags keep the official generate.py names (--task --size --frame_num --sample_st
 easycache.cli. Without --ckpt_dir the needed files of the task's Hub repo are downloaded into checkpoints/.
 
 How main() runs, and where a new flag or import goes (keep this order when you add to the script):
-  1. parse_args   argparse only: no torch, models/ or diffusers at module level, so --help answers at once
+  1. parse_args   argparse and easycache only: no models/, transformers or diffusers at module level
   2. check_args   every check that needs no model (easycache.checks); a refusal is one `error:` line
   3. files        outputs writable, checkpoint files present and readable (still nothing loaded)
   4. load         heavy imports happen here, inside WanT2V: torch, models/, transformers, diffusers
@@ -22,12 +22,16 @@ from __future__ import annotations
 import argparse
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from easycache import checks
 from easycache.cli import add_cache_args, add_output_args, check_run_args, no_grad
+from easycache.magcache import MagCacheConfig
+from easycache.methods import parse_value
+from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, slug
+from easycache.teacache import COEFFICIENTS, TeaCacheConfig
 from models.loading import check_checkpoint_files, resolve_checkpoint  # standard library only
 
 if TYPE_CHECKING:
@@ -59,6 +63,10 @@ class Task:
         "stage."
     )
     weights: str = "diffusion_pytorch_model.safetensors"  # or the shard index of a sharded DiT
+    # The baselines' official settings for this model (TeaCache4Wan2.1 / MagCache4Wan2.1 scripts).
+    teacache: TeaCacheConfig = TeaCacheConfig()
+    magcache: MagCacheConfig = field(default_factory=MagCacheConfig)
+    calibration: str | None = None  # a JSON of easycache.calibrate: its coefficients and ratios as defaults
 
 
 _WAN_FILES = ["models_t5_umt5-xxl-enc-bf16.pth", WAN_VAE_FILE, "google/umt5-xxl/tokenizer_config.json"]
@@ -71,12 +79,15 @@ TASKS = {
         "Wan-AI/Wan2.1-T2V-14B", "checkpoints/Wan2.1-T2V-14B", "t2v-14B", "umt5-xxl", "official",
         sizes=("1280*720", "720*1280", "832*480", "480*832"),
         weights="diffusion_pytorch_model.safetensors.index.json",
+        teacache=TeaCacheConfig(rel_l1_thresh=0.2, coefficients=COEFFICIENTS["wan-t2v-14B"]),
+        magcache=MagCacheConfig(mag_ratios=MAG_RATIOS["wan-t2v-14B"]),
     ),
     # The embedded demo model (train_wan_tiny.py): same classes and file layout, toy sizes, runs on a CPU.
     "tiny": Task(
         None, "checkpoints/wan-tiny", None, "tiny", "tiny", sizes=("64*64",), frame_num=17,
         sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
         prompt="a red circle moving right on a blue background",
+        teacache=TeaCacheConfig(rel_l1_thresh=0.05), calibration="checkpoints/wan-tiny/calibration.json",
     ),
 }  # fmt: skip
 
@@ -147,6 +158,12 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         raise ValueError(f"--sample_shift must be > 0 (the σ schedule's shift), got {args.sample_shift}")
     if args.base_seed != -1:
         checks.check_seed(args.base_seed, "--base_seed", count=args.num_seeds)
+    teacache, magcache = task.teacache, task.magcache
+    if task.calibration:  # the demo model's own fit (the published ones belong to the real models)
+        coefficients = parse_value(TeaCacheConfig, "coefficients", task.calibration)
+        teacache = replace(teacache, coefficients=coefficients)
+        magcache = replace(magcache, mag_ratios=parse_value(MagCacheConfig, "mag_ratios", task.calibration))
+    args.method_defaults = {"teacache": teacache, "magcache": magcache, **args.method_defaults}
     prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
     if args.base_seed == -1:
         args.base_seed = random.randint(0, 2**31 - 1)
@@ -201,6 +218,10 @@ class WanT2V:
         vae = {"official": WAN_VAE_CONFIG, "tiny": WAN_VAE_TINY}[task.vae]
         self.vae = WanVAE.from_checkpoint(f"{ckpt_dir}/{WAN_VAE_FILE}", config=vae, device=self.device)
 
+    def dit_grid(self, shape) -> tuple[int, int, int]:
+        """The DiT's patch grid (f, h, w) for latents of `shape` [B, C, F, H, W]."""
+        return tuple(s // p for s, p in zip(shape[2:], self.dit.config.patch_size))
+
     @no_grad
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
         import torch
@@ -211,6 +232,7 @@ class WanT2V:
         from easycache.report import Stopwatch
         from easycache.video import to_uint8_frames
         from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
+        from models.wan import flops_per_call
         from models.wan_t5 import pad_context
 
         args, device = self.args, self.device
@@ -229,19 +251,26 @@ class WanT2V:
             steps = num_steps or args.sample_steps
             sigmas = wan_sigmas(steps, args.sample_shift)
             solver = FlowUniPC(sigmas) if args.sample_solver == "unipc" else FlowEuler(sigmas)
-            cache, calls = make_cache(cache_cfg, steps), 0
+            cost = flops_per_call(self.dit.config, self.dit_grid(latents.shape))  # for the work ratio
+            cache = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist(), cost=cost)
+            calls = 0
             self.dit.to(device)
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).expand(1)  # [1]
                 if cache is None or cache.should_compute(i, latents):
+                    # TeaCache, MagCache and PAB act inside the DiT through one hook per call (else None).
+                    hc, hu = (cache.hook("cond"), cache.hook("uncond")) if cache is not None else (None, None)
                     with sw.phase("dit"):  # two DiT calls: the CFG branches, named
-                        v = {"cond": self.dit(latents, t, ctx), "uncond": self.dit(latents, t, ctx_null)}
+                        v = {
+                            "cond": self.dit(latents, t, ctx, cache=hc),
+                            "uncond": self.dit(latents, t, ctx_null, cache=hu),
+                        }
                     checks.check_dit_output(v, i)  # NaN/inf: stop at this step, not at the VAE
                     calls += 2
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
-                    v = cache.reuse(latents)  # EasyCache: v̂ = x_t + Δ_i for both branches, no DiT call
+                    v = cache.reuse(latents)  # EasyCache/static: v̂ = x_t + Δ_i for both branches, no DiT call
                 noise_pred = v["uncond"] + args.sample_guide_scale * (v["cond"] - v["uncond"])
                 latents = solver.step(noise_pred, i, latents)  # [1, 16, T, h, w] fp32
             if args.offload_model and device.type == "cuda":
