@@ -1,18 +1,23 @@
-"""Wan2.1 text-to-video with EasyCache: umT5 -> DiT sampling loop (cache visible) -> VAE -> video + report.
+"""Wan2.1 text-to-video and image-to-video with EasyCache: umT5 (+ CLIP and the first frame's latent for
+I2V) -> DiT sampling loop (cache visible) -> VAE -> video + report.
 
     python sample_wan.py --task tiny --prompt "a red circle moving right on a blue background"
+    python sample_wan.py --task i2v-tiny --image first.png --prompt "a green square moving up on a black ..."
+    python sample_wan.py --task i2v-14B --size 832*480 --image cat.jpg --prompt "..."  # 480P weights, shift 3
     python sample_wan.py --task t2v-1.3B --size 832*480 --prompt "A cat walks on the grass, realistic style."
     python sample_wan.py --task t2v-1.3B --cache none ...                  # the uncached baseline, same loop
     python sample_wan.py --task t2v-1.3B --compare --prompts prompts.txt   # baseline vs cache: one table row
 
 Flags keep the official generate.py names (--task --size --frame_num --sample_steps --sample_shift
---sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu); the cache flags come from
-easycache.cli. Without --ckpt_dir the needed files of the task's Hub repo are downloaded into checkpoints/.
+--sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu --image); the cache flags
+come from easycache.cli. Without --ckpt_dir the needed files of the task's Hub repo are downloaded into
+checkpoints/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
@@ -28,6 +33,8 @@ from easycache.video import to_uint8_frames
 from models.loading import resolve_checkpoint
 from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
 from models.wan import WAN_CONFIGS, WanConfig, load_wan
+from models.wan_clip import CLIP_FILE, CLIP_TINY, CLIP_VIT_H_14, ClipVisionConfig, WanClipEncoder
+from models.wan_i2v import encode_condition, load_image, max_area_of
 from models.wan_t5 import UMT5_TINY, UMT5_XXL, WAN_NEGATIVE_PROMPT, WanT5Config, WanTextEncoder, pad_context
 from models.wan_vae import WAN_VAE_CONFIG, WAN_VAE_FILE, WAN_VAE_TINY, WanVAE, WanVAEConfig
 
@@ -54,9 +61,18 @@ class Task:
         "stage."
     )
     weights: str = "diffusion_pytorch_model.safetensors"  # or the shard index of a sharded DiT
+    clip: ClipVisionConfig | None = None  # image-to-video: the CLIP image tower (None: text-to-video)
+    sample_shift_480p: float | None = None  # official i2v: shift 3.0 at 832*480 / 480*832 (5.0 otherwise)
 
 
 _WAN_FILES = ["models_t5_umt5-xxl-enc-bf16.pth", WAN_VAE_FILE, "google/umt5-xxl/tokenizer_config.json"]
+_I2V_PROMPT = (  # the official example prompt of i2v-14B (for its examples/i2v_input.JPG)
+    "Summer beach vacation style, a white cat wearing sunglasses sits on a surfboard. The fluffy-furred "
+    "feline gazes directly at the camera with a relaxed expression. Blurred beach scenery forms the "
+    "background featuring crystal-clear waters, distant green hills, and a blue sky dotted with white "
+    "clouds. The cat assumes a naturally relaxed posture, as if savoring the sea breeze and warm sunlight. "
+    "A close-up shot highlights the feline's intricate details and the refreshing atmosphere of the seaside."
+)
 TASKS = {
     "t2v-1.3B": Task(
         "Wan-AI/Wan2.1-T2V-1.3B", "checkpoints/Wan2.1-T2V-1.3B", WAN_CONFIGS["t2v-1.3B"], UMT5_XXL,
@@ -73,7 +89,24 @@ TASKS = {
         sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
         prompt="a red circle moving right on a blue background",
     ),
+    # Image-to-video (official image2video.py): the 720P weights by default, the 480P ones at 480p sizes
+    # (I2V_480P); --size is the pixel budget, the video keeps the image's aspect ratio.
+    "i2v-14B": Task(
+        "Wan-AI/Wan2.1-I2V-14B-720P", "checkpoints/Wan2.1-I2V-14B-720P", WAN_CONFIGS["i2v-14B-720P"],
+        UMT5_XXL, WAN_VAE_CONFIG, sizes=("1280*720", "720*1280", "832*480", "480*832"), sample_steps=40,
+        negative_prompt="镜头晃动，" + WAN_NEGATIVE_PROMPT, prompt=_I2V_PROMPT,
+        weights="diffusion_pytorch_model.safetensors.index.json", clip=CLIP_VIT_H_14, sample_shift_480p=3.0,
+    ),
+    # The I2V demo model (train_wan_tiny_i2v.py): the tiny T2V model fine-tuned on first frames.
+    "i2v-tiny": Task(
+        None, "checkpoints/wan-i2v-tiny", None, UMT5_TINY, WAN_VAE_TINY, sizes=("64*64",), frame_num=17,
+        sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
+        prompt="a green square moving up on a black background", clip=CLIP_TINY,
+    ),
 }  # fmt: skip
+I2V_480P = dataclasses.replace(
+    TASKS["i2v-14B"], repo_id="Wan-AI/Wan2.1-I2V-14B-480P", ckpt_dir="checkpoints/Wan2.1-I2V-14B-480P"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample_guide_scale", type=float, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--sample_solver", choices=["unipc", "euler"], default="unipc")
     p.add_argument("--prompt", help="the prompt (default: the task's example prompt)")
+    p.add_argument("--image", help="i2v tasks: the first frame (any size; --size is its pixel budget)")
     p.add_argument("--negative_prompt", help="default: the official negative prompt (tiny: empty)")
     p.add_argument("--base_seed", type=int, default=-1, help="seed; -1 draws one (recorded in the report)")
     p.add_argument("--ckpt_dir", help="local checkpoint folder (default: the task's folder in checkpoints/)")
@@ -108,6 +142,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[str]]:
     """Fill task defaults and refuse bad input before anything heavy is loaded."""
     task = TASKS[args.task]
+    if task.clip is not None:
+        check_image_args(args, task)
+        if args.size in ("832*480", "480*832") and task.sample_shift_480p is not None:
+            task = I2V_480P  # the official 480P checkpoint and shift 3.0, as generate.py
+            args.sample_shift = task.sample_shift_480p if args.sample_shift is None else args.sample_shift
+    elif args.image is not None:
+        raise ValueError(f"--image is for the image-to-video tasks (i2v-14B, i2v-tiny), not {args.task}")
     for name in (
         "frame_num",
         "sample_steps",
@@ -141,8 +182,23 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
     return task, (width, height), prompts
 
 
+def check_image_args(args: argparse.Namespace, task: Task) -> None:
+    """An i2v task needs a readable --image; checked (opened and decoded) before any model loads."""
+    if args.image is None:
+        raise ValueError(f"--task {args.task} animates an image: pass --image FILE (png, jpg, ...)")
+    if not os.path.isfile(args.image):
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    try:
+        image = load_image(args.image)
+    except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
+        raise ValueError(f"--image {args.image} is not a readable image ({type(e).__name__}: {e})") from None
+    if min(image.shape[1:]) < 1:
+        raise ValueError(f"--image {args.image} is empty")
+
+
 class WanT2V:
-    """The loaded components of one task and how to run them once."""
+    """The loaded components of one task and how to run them once (text-to-video, or image-to-video when the
+    task has a CLIP tower)."""
 
     def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace):
         self.task, self.args, self.device = task, args, torch.device(args.device)
@@ -158,6 +214,13 @@ class WanT2V:
         self.vae = WanVAE.from_checkpoint(
             os.path.join(ckpt_dir, WAN_VAE_FILE), config=task.vae, device=self.device
         )
+        self.clip = None
+        if task.clip is not None:  # official: the CLIP tower in fp16 on the GPU
+            clip_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            self.clip = WanClipEncoder.from_checkpoint(
+                os.path.join(ckpt_dir, CLIP_FILE), config=task.clip, device=self.device, dtype=clip_dtype
+            )
+            self.image = load_image(args.image)  # [3, H, W] in [-1, 1]
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
@@ -170,6 +233,12 @@ class WanT2V:
                 )
             width, height = (int(v) for v in args.size.split("*"))
             shape = self.vae.latent_shape(args.frame_num, height, width)  # (16, T, h, w)
+            cond = {}  # image-to-video: the DiT's extra inputs, the same for both CFG branches
+            if self.clip is not None:
+                with sw.phase("image"):
+                    area = max_area_of(args.size)
+                    c = encode_condition(self.image, args.frame_num, area, self.vae, self.clip)
+                shape, cond = c.latent_shape, {"clip_fea": c.clip_fea.to(device), "y": c.y.to(device)}
             g = torch.Generator(device).manual_seed(seed)
             latents = torch.randn(shape, generator=g, device=device, dtype=torch.float32)[
                 None
@@ -181,9 +250,13 @@ class WanT2V:
             self.dit.to(device)
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).expand(1)  # [1]
+                # The cache measures the noisy latent alone (I2V: before the DiT concatenates y to it).
                 if cache is None or cache.should_compute(i, latents):
                     with sw.phase("dit"):  # two DiT calls: the CFG branches, named
-                        v = {"cond": self.dit(latents, t, ctx), "uncond": self.dit(latents, t, ctx_null)}
+                        v = {
+                            "cond": self.dit(latents, t, ctx, **cond),
+                            "uncond": self.dit(latents, t, ctx_null, **cond),
+                        }
                     calls += 2
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
@@ -210,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         out = RunOutputs(args.save_file, args.report, default_name=name, fps=task.fps, lossless=args.lossless)
         files = [task.weights, *_WAN_FILES, *(["config.json"] if task.dit is None else [])]
         patterns = ["config.json", "diffusion_pytorch_model*", *_WAN_FILES[:2], "google/umt5-xxl/*"]
+        if task.clip is not None:  # i2v: the CLIP file too (its xlm-roberta tokenizer is not needed)
+            files, patterns = [*files, CLIP_FILE], [*patterns, CLIP_FILE]
         ckpt_dir = resolve_checkpoint(
             args.ckpt_dir, repo_id=task.repo_id, files=files, patterns=patterns, default_dir=task.ckpt_dir
         )

@@ -54,6 +54,9 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
+    # Not an upstream argument: upstream hard-codes the open-clip ViT-H/14 width (MLPProj(1280, dim)). Named
+    # as diffusers' `image_dim`; only the I2V demo model (a 64-wide CLIP tower) sets another value.
+    image_dim: int = CLIP_DIM
 
     def __post_init__(self):
         # JSON gives lists; keep the frozen config hashable and comparable.
@@ -75,6 +78,7 @@ class WanConfig:
             "out_dim",
             "num_heads",
             "num_layers",
+            "image_dim",
         )
         for name in sizes:
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
@@ -113,7 +117,7 @@ class WanConfig:
             cross_attn_norm=self.cross_attn_norm,
             qk_norm="rms_norm_across_heads" if self.qk_norm else None,
             eps=self.eps,
-            image_dim=1280 if i2v else None,  # open-clip ViT-H/14 width
+            image_dim=self.image_dim if i2v else None,  # open-clip ViT-H/14 width (1280)
             added_kv_proj_dim=self.dim if i2v else None,
         )
 
@@ -143,6 +147,19 @@ WAN_I2V_14B = WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, nu
 # The embedded demo model (train_wan_tiny.py, checkpoints/wan-tiny): 64×64×17 videos -> 16×5×16×16 latents
 # -> 1×2×2 patches (the official patch size) -> 320 tokens; its text encoder is a 64-wide umT5 over 16 tokens.
 WAN_TINY = WanConfig(text_len=16, dim=128, ffn_dim=384, text_dim=64, num_heads=2, num_layers=6)
+# The I2V demo model (train_wan_tiny_i2v.py, checkpoints/wan-i2v-tiny): WAN_TINY with the I2V input (16 noise
+# + 20 condition channels) and the CLIP branch over a 64-wide image tower (models.wan_clip.CLIP_TINY).
+WAN_I2V_TINY = WanConfig(
+    model_type="i2v",
+    in_dim=36,
+    image_dim=64,
+    text_len=16,
+    dim=128,
+    ffn_dim=384,
+    text_dim=64,
+    num_heads=2,
+    num_layers=6,
+)
 
 # The 480P and 720P I2V checkpoints share one DiT architecture (they differ only in weights).
 WAN_CONFIGS = {
@@ -151,6 +168,7 @@ WAN_CONFIGS = {
     "i2v-14B-480P": WAN_I2V_14B,
     "i2v-14B-720P": WAN_I2V_14B,
     "tiny": WAN_TINY,
+    "i2v-tiny": WAN_I2V_TINY,
 }
 WAN_REPOS = {
     "t2v-1.3B": "Wan-AI/Wan2.1-T2V-1.3B",
@@ -388,7 +406,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList([WanAttentionBlock(config) for _ in range(config.num_layers)])
         self.head = Head(dim, config.out_dim, config.patch_size, config.eps)
         if config.model_type == "i2v":
-            self.img_emb = MLPProj(CLIP_DIM, dim)
+            self.img_emb = MLPProj(config.image_dim, dim)
 
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None, y: Tensor | None = None
@@ -452,8 +470,10 @@ class WanModel(nn.Module):
         elif clip_fea is None or y is None:
             raise ValueError("an i2v model needs both clip_fea [B, 257, 1280] and y [B, C_y, F, H, W]")
         else:
-            if clip_fea.ndim != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != CLIP_DIM:
-                raise ValueError(f"clip_fea must be [B={b}, I, {CLIP_DIM}], got {tuple(clip_fea.shape)}")
+            if clip_fea.ndim != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != cfg.image_dim:
+                raise ValueError(
+                    f"clip_fea must be [B={b}, I, image_dim={cfg.image_dim}], got {tuple(clip_fea.shape)}"
+                )
             if y.ndim != 5 or y.shape[0] != b or y.shape[2:] != x.shape[2:]:
                 raise ValueError(
                     f"y must be [B, C_y, F, H, W] matching x {tuple(x.shape)}, got {tuple(y.shape)}"
