@@ -26,6 +26,7 @@ from easycache.cli import add_cache_args, add_output_args, check_run_args, make_
 from easycache.compare import Generation, generate_and_report
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
+from models.fast import add_speed_args, check_speed_args, compile_blocks
 from models.hunyuan import CKPT_FILE, HUNYUAN_CONFIGS, HunyuanVideoConfig, guidance_input, load_hunyuan
 from models.hunyuan import HUB_REPO as DIT_REPO
 from models.hunyuan_text import HUB_REPO as PARTS_REPO
@@ -90,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-precision", choices=DTYPES, help="VAE dtype (official fp16; CPU default fp32)")
     p.add_argument("--text-encoder-precision", choices=DTYPES, help="LLM, CLIP (official fp16; CPU fp32)")
     add_cache_args(p, thresh=0.025, warmup=5)  # the authors' HunyuanVideo setting
+    add_speed_args(p)  # --cfg-batch matters only with true CFG (--cfg-scale > 1)
     add_output_args(p)
     return p.parse_args(argv)
 
@@ -119,6 +121,8 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
     if args.model_base is not None and not os.path.isdir(args.model_base):
         raise FileNotFoundError(f"--model-base {args.model_base} is not a directory")
     prompts = check_run_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    cuda = torch.device(args.device).type == "cuda"
+    check_speed_args(args, args.device, DTYPES[args.precision or ("bf16" if cuda else "fp32")])
     if args.seed is None:
         args.seed = random.randint(0, 1_000_000)
     return task, read_dit_config(args.dit_config) if args.dit_config else task.dit, prompts
@@ -170,7 +174,11 @@ class HunyuanT2V:
             model_base, device=self.device, dtype=self.text_dtype, offload=offload
         )
         home = "cpu" if offload else self.device
-        self.dit = load_hunyuan(dit_weight, config=dit_config, device=home, dtype=self.dtype)
+        self.dit = load_hunyuan(
+            dit_weight, config=dit_config, device=home, dtype=self.dtype, attn_backend=args.attention
+        )
+        if args.compile:  # the blocks only: the cache decision below stays eager
+            compile_blocks(self.dit)
         vae_dtype = DTYPES[args.vae_precision or ("fp16" if cuda else "fp32")]
         self.vae = HunyuanVAE.from_pretrained(f"{model_base}/vae", device=self.device, dtype=vae_dtype)
 
@@ -188,6 +196,9 @@ class HunyuanT2V:
         with sw.phase("end_to_end"):
             with sw.phase("text"):
                 text = self.encode(prompt)
+                batched = args.cfg_batch and len(text) == 2  # true CFG as one batch-2 call, as the official
+                if batched:  # the LLM pads every prompt to 256 tokens, so the branches stack: [2, ...] each
+                    text_pair = tuple(torch.cat(parts) for parts in zip(text["cond"], text["uncond"]))
             shape = (1, cfg.in_channels, *latent_shape(args.video_length, *args.video_size))  # B C T h w
             g = torch.Generator(device).manual_seed(seed)
             # As the official: noise drawn in the text dtype (fp16); the solver keeps the latents in fp32.
@@ -203,9 +214,16 @@ class HunyuanT2V:
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).expand(1)  # [1] float σ·1000
                 if cache is None or cache.should_compute(i, latents):
-                    with sw.phase("dit"):  # one DiT call per branch (the official batches CFG's two)
-                        v = {k: self.dit(latents, t, *text[k], g_in) for k in text}
-                    calls += len(v)
+                    with sw.phase("dit"):
+                        if batched:  # one batch-2 call on [x; x] with [cond; uncond], split back
+                            g2 = None if g_in is None else g_in.expand(2)
+                            cond, uncond = self.dit(
+                                torch.cat([latents] * 2), t.expand(2), *text_pair, g2
+                            ).chunk(2)
+                            v = {"cond": cond, "uncond": uncond}
+                        else:  # one call per branch
+                            v = {k: self.dit(latents, t, *text[k], g_in) for k in text}
+                    calls += 1 if batched else len(v)  # DiT calls (NFE): a batched call counts once
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:

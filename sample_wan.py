@@ -25,6 +25,7 @@ from easycache.cli import add_cache_args, add_output_args, check_run_args, make_
 from easycache.compare import Generation, generate_and_report
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
+from models.fast import add_speed_args, check_speed_args, compile_blocks
 from models.loading import resolve_checkpoint
 from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
 from models.wan import WAN_CONFIGS, WanConfig, load_wan
@@ -101,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype", choices=["bf16", "fp16", "fp32"], help="DiT dtype (default bf16 on CUDA, else fp32)"
     )
     add_cache_args(p, thresh=0.05, warmup=10)  # the paper's Wan2.1 setting
+    add_speed_args(p)
     add_output_args(p)
     return p.parse_args(argv)
 
@@ -136,9 +138,15 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
     if args.sample_steps < 1:
         raise ValueError(f"--sample_steps must be >= 1, got {args.sample_steps}")
     prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    check_speed_args(args, args.device, dit_dtype(args))  # --cfg_batch default, --attention installed
     if args.base_seed < 0:
         args.base_seed = random.randint(0, 2**31 - 1)
     return task, (width, height), prompts
+
+
+def dit_dtype(args: argparse.Namespace) -> torch.dtype:
+    name = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 class WanT2V:
@@ -146,15 +154,18 @@ class WanT2V:
 
     def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace):
         self.task, self.args, self.device = task, args, torch.device(args.device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
-        ]
+        dtype = dit_dtype(args)
         t5_device = "cpu" if args.t5_cpu else self.device
         t5_dtype = torch.bfloat16 if task.t5 is UMT5_XXL else torch.float32  # official: bf16 umT5
         self.text_encoder = WanTextEncoder.from_checkpoint(
             ckpt_dir, config=task.t5, device=t5_device, dtype=t5_dtype, text_len=task.text_len
         )
-        self.dit = load_wan(ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id)
+        self.dit = load_wan(
+            ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id,
+            attn_backend=args.attention,
+        )  # fmt: skip
+        if args.compile:  # the blocks only: the cache decision below stays eager
+            compile_blocks(self.dit)
         self.vae = WanVAE.from_checkpoint(
             os.path.join(ckpt_dir, WAN_VAE_FILE), config=task.vae, device=self.device
         )
@@ -165,9 +176,10 @@ class WanT2V:
         sw = Stopwatch(device)
         with sw.phase("end_to_end"):
             with sw.phase("text"):
-                ctx, ctx_null = (
-                    pad_context([c]).to(device) for c in self.text_encoder([prompt, args.negative_prompt])
-                )
+                contexts = self.text_encoder([prompt, args.negative_prompt])
+                ctx, ctx_null = (pad_context([c]).to(device) for c in contexts)
+                if args.cfg_batch:  # both padded to text_len (as the DiT pads each) so they stack: [2, T, D]
+                    ctx_pair = pad_context(contexts, self.dit.config.text_len).to(device)
             width, height = (int(v) for v in args.size.split("*"))
             shape = self.vae.latent_shape(args.frame_num, height, width)  # (16, T, h, w)
             g = torch.Generator(device).manual_seed(seed)
@@ -182,9 +194,13 @@ class WanT2V:
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).expand(1)  # [1]
                 if cache is None or cache.should_compute(i, latents):
-                    with sw.phase("dit"):  # two DiT calls: the CFG branches, named
-                        v = {"cond": self.dit(latents, t, ctx), "uncond": self.dit(latents, t, ctx_null)}
-                    calls += 2
+                    with sw.phase("dit"):  # the CFG branches, named
+                        if args.cfg_batch:  # one batch-2 call on [x; x] with [cond; uncond], split back
+                            cond, uncond = self.dit(torch.cat([latents] * 2), t.expand(2), ctx_pair).chunk(2)
+                            v = {"cond": cond, "uncond": uncond}
+                        else:  # two calls, as the official generate.py
+                            v = {"cond": self.dit(latents, t, ctx), "uncond": self.dit(latents, t, ctx_null)}
+                    calls += 1 if args.cfg_batch else 2  # DiT calls (NFE): a batched call counts once
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
