@@ -33,6 +33,7 @@ from models.hunyuan_text import HUB_REPO as PARTS_REPO
 from models.hunyuan_text import HunyuanTextEncoders
 from models.hunyuan_vae import HunyuanVAE, latent_shape
 from models.loading import resolve_checkpoint
+from models.offload import Placement
 from models.solvers import FlowEuler, hunyuan_sigmas
 
 # The official NEGATIVE_PROMPT (hyvideo/constants.py); only used with --cfg-scale > 1, as there.
@@ -192,7 +193,7 @@ class HunyuanT2V:
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
         args, device, cfg = self.args, self.device, self.dit.config
-        sw = Stopwatch(device)
+        sw, place = Stopwatch(device), Placement()
         with sw.phase("end_to_end"):
             with sw.phase("text"):
                 text = self.encode(prompt)
@@ -210,7 +211,7 @@ class HunyuanT2V:
             steps = num_steps or args.infer_steps
             solver = FlowEuler(hunyuan_sigmas(steps, args.flow_shift))
             cache, calls = make_cache(cache_cfg, steps), 0
-            self.dit.to(device)
+            place.move("sampling", "dit", self.dit, device)
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).expand(1)  # [1] float σ·1000
                 if cache is None or cache.should_compute(i, latents):
@@ -233,13 +234,13 @@ class HunyuanT2V:
                     noise_pred = v["uncond"] + args.cfg_scale * (v["cond"] - v["uncond"])
                 latents = solver.step(noise_pred, i, latents)  # [1, C, T, h, w] fp32
             if args.use_cpu_offload:  # free the device memory the VAE decode needs
-                self.dit.to("cpu")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                place.move("vae", "dit", self.dit, "cpu")
             with sw.phase("vae"):  # official tiling: 256-pixel, 64-frame tiles
                 frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
         stats, trace = (cache.stats, cache.trace) if cache is not None else (None, None)
-        return Generation(frames, latents.cpu(), dict(sw.seconds), calls, stats, trace)
+        return Generation(
+            frames, latents.cpu(), dict(sw.seconds), calls, stats, trace, {"placement": place.moves}
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
 from models.fast import add_speed_args, check_speed_args, compile_blocks
 from models.loading import resolve_checkpoint
+from models.offload import Placement
 from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
 from models.wan import WAN_CONFIGS, WanConfig, load_wan
 from models.wan_t5 import UMT5_TINY, UMT5_XXL, WAN_NEGATIVE_PROMPT, WanT5Config, WanTextEncoder, pad_context
@@ -94,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--save_file", help="output .mp4 (default: outputs/wan_<task>_<cache>_<prompt>_<seed>.mp4)"
     )
     p.add_argument(
-        "--offload_model", action="store_true", help="move the DiT to the CPU while the VAE decodes"
+        "--offload_model",
+        action="store_true",
+        help="umT5 waits on the CPU except while it encodes; the DiT moves to the CPU while the VAE decodes",
     )
     p.add_argument("--t5_cpu", action="store_true", help="keep the umT5 encoder on the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -155,7 +158,7 @@ class WanT2V:
     def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace):
         self.task, self.args, self.device = task, args, torch.device(args.device)
         dtype = dit_dtype(args)
-        t5_device = "cpu" if args.t5_cpu else self.device
+        t5_device = "cpu" if args.t5_cpu or args.offload_model else self.device  # offload: moved to encode
         t5_dtype = torch.bfloat16 if task.t5 is UMT5_XXL else torch.float32  # official: bf16 umT5
         self.text_encoder = WanTextEncoder.from_checkpoint(
             ckpt_dir, config=task.t5, device=t5_device, dtype=t5_dtype, text_len=task.text_len
@@ -173,10 +176,15 @@ class WanT2V:
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
         args, device = self.args, self.device
-        sw = Stopwatch(device)
+        sw, place = Stopwatch(device), Placement()
+        t5_visits = args.offload_model and not args.t5_cpu  # official: umT5 goes to the device only to encode
         with sw.phase("end_to_end"):
             with sw.phase("text"):
+                if t5_visits:
+                    place.move("text", "t5", self.text_encoder.model, device)
                 contexts = self.text_encoder([prompt, args.negative_prompt])
+                if t5_visits:
+                    place.move("text", "t5", self.text_encoder.model, "cpu")
                 ctx, ctx_null = (pad_context([c]).to(device) for c in contexts)
                 if args.cfg_batch:  # both padded to text_len (as the DiT pads each) so they stack: [2, T, D]
                     ctx_pair = pad_context(contexts, self.dit.config.text_len).to(device)
@@ -190,7 +198,7 @@ class WanT2V:
             sigmas = wan_sigmas(steps, args.sample_shift)
             solver = FlowUniPC(sigmas) if args.sample_solver == "unipc" else FlowEuler(sigmas)
             cache, calls = make_cache(cache_cfg, steps), 0
-            self.dit.to(device)
+            place.move("sampling", "dit", self.dit, device)
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).expand(1)  # [1]
                 if cache is None or cache.should_compute(i, latents):
@@ -207,14 +215,14 @@ class WanT2V:
                     v = cache.reuse(latents)  # EasyCache: v̂ = x_t + Δ_i for both branches, no DiT call
                 noise_pred = v["uncond"] + args.sample_guide_scale * (v["cond"] - v["uncond"])
                 latents = solver.step(noise_pred, i, latents)  # [1, 16, T, h, w] fp32
-            if args.offload_model and device.type == "cuda":
-                self.dit.to("cpu")
-                torch.cuda.empty_cache()
+            if args.offload_model:  # free the device memory the VAE decode needs
+                place.move("vae", "dit", self.dit, "cpu")
             with sw.phase("vae"):
                 frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
         stats = cache.stats if cache is not None else None
+        trace = cache.trace if cache else None
         return Generation(
-            frames, latents.cpu(), dict(sw.seconds), calls, stats, cache.trace if cache else None
+            frames, latents.cpu(), dict(sw.seconds), calls, stats, trace, {"placement": place.moves}
         )
 
 

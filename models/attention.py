@@ -78,6 +78,14 @@ def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype |
         raise ValueError(f"--attention {backend} needs bf16 or fp16 weights, not {dtype}; use sdpa")
 
 
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The kernel that `backend` runs on `device` in `dtype` ("auto" -> "flash" or "sdpa"), for reports."""
+    if backend != "auto":
+        return backend
+    half = torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    return "flash" if half and flash_attn_module() is not None else "sdpa"
+
+
 def attention(
     q: Tensor,
     k: Tensor,

@@ -176,3 +176,20 @@ def test_inductor_compile_matches_eager():
         out, steps = sample(model, wan_call, 6, EasyCache(EasyCacheConfig(thresh=0.3, warmup=2), 6), x)
     assert steps == eager_steps and counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
     assert ((out - eager).norm() / eager.norm()).item() < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------
+# Offload record
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_placement_records_the_device_read_back():
+    from models.offload import Placement, module_device
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    place = Placement()
+    place.move("vae", "dit", model, "cpu")
+    assert place.moves == [{"phase": "vae", "component": "dit", "device": "cpu"}]
+    split = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
+    with pytest.raises(ValueError, match="spread over"):
+        module_device(split)

@@ -170,3 +170,28 @@ def test_cfg_batch_defaults_off_on_the_cpu():
     args = sample_wan.parse_args(["--task", "tiny", "--device", "cpu"])
     sample_wan.check_args(args)
     assert args.cfg_batch is False and args.attention == "auto" and not args.compile
+
+
+@pytest.mark.parametrize(
+    "flags,moves",
+    [
+        ([], [("sampling", "dit")]),
+        # the official --offload_model: umT5 visits the device only to encode, the DiT leaves for the decode
+        (["--offload_model"], [("text", "t5"), ("text", "t5"), ("sampling", "dit"), ("vae", "dit")]),
+        (["--offload_model", "--t5_cpu"], [("sampling", "dit"), ("vae", "dit")]),  # umT5 never moves
+    ],
+)
+def test_offload_moves(ckpt_dir, flags, moves):
+    """The moves of each offload setting, in order, as the pipeline records them (each entry reads back the
+    device of the moved parameters). On this CPU-only machine every move lands on the CPU; on a GPU the same
+    sequence alternates between cuda and cpu."""
+    args = sample_wan.parse_args(
+        ["--task", "tiny", "--sample_steps", "2", "--warmup", "1", "--quiet", *flags]
+    )
+    sample_wan.check_args(args)
+    pipe = sample_wan.WanT2V(sample_wan.TASKS["tiny"], str(ckpt_dir), args)
+    gen = pipe.generate(PROMPT, 5, None)
+    record = gen.extra["placement"]
+    assert [(m["phase"], m["component"]) for m in record] == moves
+    assert all(m["device"] == "cpu" for m in record)
+    assert {p.device.type for p in pipe.text_encoder.model.parameters()} == {"cpu"}  # the encoder ends on CPU
