@@ -34,7 +34,9 @@ from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.teacache import COEFFICIENTS, TeaCacheConfig
 from easycache.video import to_uint8_frames
+from models.fast import add_speed_args, check_speed_args, compile_blocks
 from models.loading import resolve_checkpoint
+from models.offload import Placement
 from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
 from models.wan import WAN_CONFIGS, WanConfig, flops_per_call, load_wan
 from models.wan_clip import CLIP_FILE, CLIP_TINY, CLIP_VIT_H_14, ClipVisionConfig, WanClipEncoder
@@ -138,7 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--save_file", help="output .mp4 (default: outputs/wan_<task>_<cache>_<prompt>_<seed>.mp4)"
     )
     p.add_argument(
-        "--offload_model", action="store_true", help="move the DiT to the CPU while the VAE decodes"
+        "--offload_model",
+        action="store_true",
+        help="umT5 waits on the CPU except while it encodes; the DiT moves to the CPU while the VAE decodes",
     )
     p.add_argument("--t5_cpu", action="store_true", help="keep the umT5 encoder on the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype", choices=["bf16", "fp16", "fp32"], help="DiT dtype (default bf16 on CUDA, else fp32)"
     )
     add_cache_args(p, thresh=0.05, warmup=10)  # the paper's Wan2.1 setting
+    add_speed_args(p)
     add_output_args(p)
     return p.parse_args(argv)
 
@@ -194,6 +199,7 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         magcache = replace(magcache, mag_ratios=parse_value(MagCacheConfig, "mag_ratios", task.calibration))
     args.method_defaults = {"teacache": teacache, "magcache": magcache, **args.method_defaults}
     prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    check_speed_args(args, args.device, dit_dtype(args))  # --cfg_batch default, --attention installed
     if args.base_seed < 0:
         args.base_seed = random.randint(0, 2**31 - 1)
     return task, (width, height), prompts
@@ -213,21 +219,29 @@ def check_image_args(args: argparse.Namespace, task: Task) -> None:
         raise ValueError(f"--image {args.image} is empty")
 
 
+def dit_dtype(args: argparse.Namespace) -> torch.dtype:
+    name = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 class WanT2V:
     """The loaded components of one task and how to run them once (text-to-video, or image-to-video when the
     task has a CLIP tower)."""
 
     def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace):
         self.task, self.args, self.device = task, args, torch.device(args.device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
-        ]
-        t5_device = "cpu" if args.t5_cpu else self.device
+        dtype = dit_dtype(args)
+        t5_device = "cpu" if args.t5_cpu or args.offload_model else self.device  # offload: moved to encode
         t5_dtype = torch.bfloat16 if task.t5 is UMT5_XXL else torch.float32  # official: bf16 umT5
         self.text_encoder = WanTextEncoder.from_checkpoint(
             ckpt_dir, config=task.t5, device=t5_device, dtype=t5_dtype, text_len=task.text_len
         )
-        self.dit = load_wan(ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id)
+        self.dit = load_wan(
+            ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id,
+            attn_backend=args.attention,
+        )  # fmt: skip
+        if args.compile:  # the blocks only: the cache decision below stays eager
+            compile_blocks(self.dit)
         self.vae = WanVAE.from_checkpoint(
             os.path.join(ckpt_dir, WAN_VAE_FILE), config=task.vae, device=self.device
         )
@@ -246,20 +260,26 @@ class WanT2V:
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
         args, device = self.args, self.device
-        sw = Stopwatch(device)
+        sw, place = Stopwatch(device), Placement()
+        t5_visits = args.offload_model and not args.t5_cpu  # official: umT5 goes to the device only to encode
         with sw.phase("end_to_end"):
             with sw.phase("text"):
-                ctx, ctx_null = (
-                    pad_context([c]).to(device) for c in self.text_encoder([prompt, args.negative_prompt])
-                )
+                if t5_visits:
+                    place.move("text", "t5", self.text_encoder.model, device)
+                contexts = self.text_encoder([prompt, args.negative_prompt])
+                if t5_visits:
+                    place.move("text", "t5", self.text_encoder.model, "cpu")
+                ctx, ctx_null = (pad_context([c]).to(device) for c in contexts)
+                if args.cfg_batch:  # both padded to text_len (as the DiT pads each) so they stack: [2, T, D]
+                    ctx_pair = pad_context(contexts, self.dit.config.text_len).to(device)
             width, height = (int(v) for v in args.size.split("*"))
             shape = self.vae.latent_shape(args.frame_num, height, width)  # (16, T, h, w)
-            cond = {}  # image-to-video: the DiT's extra inputs, the same for both CFG branches
+            image_cond = {}  # image-to-video: the DiT's extra inputs, the same for both CFG branches
             if self.clip is not None:
                 with sw.phase("image"):
                     area = max_area_of(args.size)
                     c = encode_condition(self.image, args.frame_num, area, self.vae, self.clip)
-                shape, cond = c.latent_shape, {"clip_fea": c.clip_fea.to(device), "y": c.y.to(device)}
+                shape, image_cond = c.latent_shape, {"clip_fea": c.clip_fea.to(device), "y": c.y.to(device)}
             g = torch.Generator(device).manual_seed(seed)
             latents = torch.randn(shape, generator=g, device=device, dtype=torch.float32)[
                 None
@@ -270,33 +290,41 @@ class WanT2V:
             cost = flops_per_call(self.dit.config, self.dit_grid(latents.shape))  # for the work ratio
             cache = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist(), cost=cost)
             calls = 0
-            self.dit.to(device)
+            place.move("sampling", "dit", self.dit, device)
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).expand(1)  # [1]
                 # The cache measures the noisy latent alone (I2V: before the DiT concatenates y to it).
                 if cache is None or cache.should_compute(i, latents):
                     # TeaCache, MagCache and PAB act inside the DiT through one hook per call (else None).
                     hc, hu = (cache.hook("cond"), cache.hook("uncond")) if cache is not None else (None, None)
-                    with sw.phase("dit"):  # two DiT calls: the CFG branches, named
-                        v = {
-                            "cond": self.dit(latents, t, ctx, cache=hc, **cond),
-                            "uncond": self.dit(latents, t, ctx_null, cache=hu, **cond),
-                        }
-                    calls += 2
+                    one_call = args.cfg_batch and hc is None and hu is None  # hooks are per branch
+                    with sw.phase("dit"):  # the CFG branches, named
+                        if one_call:  # one batch-2 call on [x; x] with [cond; uncond], split back
+                            pair = {k: torch.cat([c] * 2) for k, c in image_cond.items()}  # I2V: same image
+                            cond, uncond = self.dit(
+                                torch.cat([latents] * 2), t.expand(2), ctx_pair, **pair
+                            ).chunk(2)
+                            v = {"cond": cond, "uncond": uncond}
+                        else:  # two calls, as the official generate.py
+                            v = {
+                                "cond": self.dit(latents, t, ctx, cache=hc, **image_cond),
+                                "uncond": self.dit(latents, t, ctx_null, cache=hu, **image_cond),
+                            }
+                    calls += 1 if one_call else 2  # DiT calls (NFE): a batched call counts once
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
                     v = cache.reuse(latents)  # EasyCache/static: v̂ = x_t + Δ_i for both branches, no DiT call
                 noise_pred = v["uncond"] + args.sample_guide_scale * (v["cond"] - v["uncond"])
                 latents = solver.step(noise_pred, i, latents)  # [1, 16, T, h, w] fp32
-            if args.offload_model and device.type == "cuda":
-                self.dit.to("cpu")
-                torch.cuda.empty_cache()
+            if args.offload_model:  # free the device memory the VAE decode needs
+                place.move("vae", "dit", self.dit, "cpu")
             with sw.phase("vae"):
                 frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
         stats = cache.stats if cache is not None else None
+        trace = cache.trace if cache else None
         return Generation(
-            frames, latents.cpu(), dict(sw.seconds), calls, stats, cache.trace if cache else None
+            frames, latents.cpu(), dict(sw.seconds), calls, stats, trace, {"placement": place.moves}
         )
 
 
