@@ -33,6 +33,8 @@ from models.loading import check_checkpoint_files, resolve_checkpoint  # standar
 if TYPE_CHECKING:
     from easycache.compare import Generation
     from models.hunyuan import HunyuanVideoConfig
+from models.fast import add_speed_args, check_speed_args, compile_blocks  # torch only
+from models.offload import Placement  # torch only
 
 # The official NEGATIVE_PROMPT (hyvideo/constants.py); only used with --cfg-scale > 1, as there.
 NEGATIVE_PROMPT = (
@@ -94,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-precision", choices=DTYPES, help="VAE dtype (official fp16; CPU default fp32)")
     p.add_argument("--text-encoder-precision", choices=DTYPES, help="LLM, CLIP (official fp16; CPU fp32)")
     add_cache_args(p, thresh=0.025, warmup=5, defaults=BASELINES)  # the authors' HunyuanVideo setting
+    add_speed_args(p)  # --cfg-batch matters only with true CFG (--cfg-scale > 1)
     add_output_args(p)
     return p.parse_args(argv)
 
@@ -147,6 +150,12 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
     if args.seed is not None:
         checks.check_seed(args.seed, "--seed", count=args.num_seeds, draw="leave it out to draw one")
     prompts = check_run_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    import torch  # already imported by easycache.cli (the cache methods' configs); no model yet
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    cuda = torch.device(args.device).type == "cuda"
+    check_speed_args(args, args.device, dtypes[args.precision or ("bf16" if cuda else "fp32")])
     if args.seed is None:
         args.seed = random.randint(0, 1_000_000)
     if args.dit_config:  # the last check: it imports models/ (torch) for the config class
@@ -242,7 +251,11 @@ class HunyuanT2V:
             model_base, device=self.device, dtype=self.text_dtype, offload=offload
         )
         home = "cpu" if offload else self.device
-        self.dit = load_hunyuan(dit_weight, config=dit_config, device=home, dtype=self.dtype)
+        self.dit = load_hunyuan(
+            dit_weight, config=dit_config, device=home, dtype=self.dtype, attn_backend=args.attention
+        )
+        if args.compile:  # the blocks only: the cache decision below stays eager
+            compile_blocks(self.dit)
         vae_dtype = dtypes[args.vae_precision or ("fp16" if cuda else "fp32")]
         self.vae = HunyuanVAE.from_pretrained(f"{model_base}/vae", device=self.device, dtype=vae_dtype)
 
@@ -267,10 +280,13 @@ class HunyuanT2V:
         from models.solvers import FlowEuler, hunyuan_sigmas
 
         args, device, cfg = self.args, self.device, self.dit.config
-        sw = Stopwatch(device)
+        sw, place = Stopwatch(device), Placement()
         with sw.phase("end_to_end"):
             with sw.phase("text"):
                 text = self.encode(prompt)
+                batched = args.cfg_batch and len(text) == 2  # true CFG as one batch-2 call, as the official
+                if batched:  # the LLM pads every prompt to 256 tokens, so the branches stack: [2, ...] each
+                    text_pair = tuple(torch.cat(parts) for parts in zip(text["cond"], text["uncond"]))
             shape = (1, cfg.in_channels, *latent_shape(args.video_length, *args.video_size))  # B C T h w
             g = torch.Generator(device).manual_seed(seed)
             # As the official: noise drawn in the text dtype (fp16); the solver keeps the latents in fp32.
@@ -285,16 +301,24 @@ class HunyuanT2V:
             cost = flops_per_call(cfg, grid, text_len=text["cond"][0].shape[1])  # for the work ratio
             cache = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist(), cost=cost)
             calls = 0
-            self.dit.to(device)
+            place.move("sampling", "dit", self.dit, device)
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).expand(1)  # [1] float σ·1000
                 if cache is None or cache.should_compute(i, latents):
-                    with sw.phase("dit"):  # one DiT call per branch (the official batches CFG's two)
+                    with sw.phase("dit"):
                         # TeaCache, MagCache and PAB act inside the DiT through one hook per call (else None).
                         hooks = {k: cache.hook(k) if cache is not None else None for k in text}
-                        v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k]) for k in text}
+                        one_call = batched and all(h is None for h in hooks.values())  # hooks are per branch
+                        if one_call:  # one batch-2 call on [x; x] with [cond; uncond], split back
+                            g2 = None if g_in is None else g_in.expand(2)
+                            cond, uncond = self.dit(
+                                torch.cat([latents] * 2), t.expand(2), *text_pair, g2
+                            ).chunk(2)
+                            v = {"cond": cond, "uncond": uncond}
+                        else:  # one call per branch
+                            v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k]) for k in text}
+                    calls += 1 if one_call else len(v)  # DiT calls (NFE): a batched call counts once
                     checks.check_dit_output(v, i)  # NaN/inf: stop at this step, not at the VAE
-                    calls += len(v)
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
@@ -304,13 +328,13 @@ class HunyuanT2V:
                     noise_pred = v["uncond"] + args.cfg_scale * (v["cond"] - v["uncond"])
                 latents = solver.step(noise_pred, i, latents)  # [1, C, T, h, w] fp32
             if args.use_cpu_offload:  # free the device memory the VAE decode needs
-                self.dit.to("cpu")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                place.move("vae", "dit", self.dit, "cpu")
             with sw.phase("vae"):  # official tiling: 256-pixel, 64-frame tiles
                 frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
         stats, trace = (cache.stats, cache.trace) if cache is not None else (None, None)
-        return Generation(frames, latents.cpu(), dict(sw.seconds), calls, stats, trace)
+        return Generation(
+            frames, latents.cpu(), dict(sw.seconds), calls, stats, trace, {"placement": place.moves}
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
