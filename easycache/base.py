@@ -27,7 +27,14 @@ class StepCache:
 
     method = "none"
 
-    def __init__(self, num_steps: int, *, reuse_output: bool = False, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        num_steps: int,
+        *,
+        reuse_output: bool = False,
+        group: dist.ProcessGroup | None = None,
+        decision_group: dist.ProcessGroup | None = None,
+    ):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         self.num_steps = num_steps
@@ -35,6 +42,11 @@ class StepCache:
         # With a process group, every norm is reduced over all ranks, so ranks that hold different samples
         # of one batch still take the same decision (as if the whole batch were on one device).
         self.group = group
+        # With a decision group (multi-GPU sequence parallelism: ranks that share every DiT call), the
+        # decision of the group's first rank is broadcast and taken by all. Their statistics come from
+        # identical tensors (the full latent, the gathered output), but an identical decision must not rest
+        # on bit-identical float arithmetic: one rank skipping while another computes hangs the collectives.
+        self.decision_group = decision_group
         self._step = -1  # last step decided
         self._pending: bool | None = None  # decision of `_step` still waiting for update()/reuse()
         self._shape: torch.Size | None = None
@@ -85,6 +97,12 @@ class StepCache:
         if self._prev_x is not None:
             record["input_change"] = self.mean_abs(x - self._prev_x)  # ‖x_t − x_{t−1}‖, a 0-dim tensor
         record["compute"], record["reason"] = self._decide(step, x, record)
+        if self.decision_group is not None:
+            mine = record["compute"]
+            record["compute"] = broadcast_decision(mine, self.decision_group, x.device)
+            if record["compute"] != mine:  # never expected; recorded so that a trace shows it
+                record["reason"] = "rank0_compute" if record["compute"] else "rank0_reuse"
+                record["note"] = f"this rank decided {'compute' if mine else 'skip'}; rank 0's decision taken"
         self._records.append(record)
         self._prev_x = x.detach().clone()
         self._step, self._pending = step, record["compute"]
@@ -209,3 +227,11 @@ class StepCache:
         want = "update(x, v)" if self._pending else "reuse(x)"
         decided = "compute" if self._pending else "skip"
         return f"step {self._step} was decided {decided}: call {want}, not {verb}()"
+
+
+def broadcast_decision(compute: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
+    """The decision of `group`'s first rank, on every rank of it (one small broadcast per step; the tensor
+    lives on `device` so that NCCL can carry it)."""
+    flag = torch.tensor([int(compute)], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
+    return bool(flag.item())

@@ -80,10 +80,19 @@ class EasyCache(StepCache):
 
     method = "easycache"
 
-    def __init__(self, config: EasyCacheConfig, num_steps: int, *, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        config: EasyCacheConfig,
+        num_steps: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        decision_group: dist.ProcessGroup | None = None,
+    ):
         if not isinstance(config, EasyCacheConfig):
             raise TypeError(f"config must be an EasyCacheConfig, got {type(config).__name__}")
-        super().__init__(num_steps, reuse_output=config.reuse_output, group=group)
+        super().__init__(
+            num_steps, reuse_output=config.reuse_output, group=group, decision_group=decision_group
+        )
         if config.warmup >= num_steps:
             raise ValueError(
                 f"EasyCacheConfig.warmup (R={config.warmup}) must be smaller than the {num_steps} sampling "

@@ -26,6 +26,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from torch import Tensor, nn
 from models.attention import attention
 from models.embeddings import TimestepEmbedder
 from models.loading import download_command, load_file_state_dict, load_strict
+
+if TYPE_CHECKING:
+    from models.parallel import SequenceParallel
 
 HUB_REPO = "tencent/HunyuanVideo"
 CKPT_FILE = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"
@@ -368,7 +372,15 @@ class MMDoubleStreamBlock(nn.Module):
         self.txt_attn_proj = nn.Linear(dim, dim, bias=bias)
         self.txt_mlp = MLP(dim, config.mlp_hidden_dim, config.mlp_act_type)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], k_lens: Tensor):
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        vec: Tensor,
+        rope: tuple[Tensor, Tensor],
+        k_lens: Tensor,
+        sp: SequenceParallel | None = None,
+    ):
         # (shift1, scale1, gate1, shift2, scale2, gate2), each [B, D]
         im = self.img_mod(vec).chunk(6, dim=-1)
         tm = self.txt_mod(vec).chunk(6, dim=-1)
@@ -380,9 +392,13 @@ class MMDoubleStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = stream_qkv(
             txt, tm[0], tm[1], self.txt_attn_qkv, self.txt_attn_q_norm, self.txt_attn_k_norm, heads
         )  # 3 x [B, L, A, d]
-        q, k, v = (torch.cat(pair, dim=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
-        attn = attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
-        img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)  # [B, N, D], [B, L, D]
+        if sp is None:
+            q, k, v = (torch.cat(pair, dim=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
+            attn = attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
+            img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)  # [B, N, D], [B, L, D]
+        else:  # this rank's image tokens; the text on every rank, joined "rear" as the official xDiT path
+            joint = sp.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v)  # [B, N, A, d], [B, L, A, d]
+            img_attn, txt_attn = (a.flatten(2) for a in joint)  # [B, N, D], [B, L, D]
         img = img + self.img_attn_proj(img_attn) * im[2][:, None]  # [B, N, D]
         img = img + self.img_mlp(modulated_norm(img, im[3], im[4])) * im[5][:, None]
         txt = txt + self.txt_attn_proj(txt_attn) * tm[2][:, None]  # [B, L, D]
@@ -403,7 +419,15 @@ class MMSingleStreamBlock(nn.Module):
         self.mlp_act = ACTIVATIONS[config.mlp_act_type]()
         self.modulation = ModulateDiT(dim, 3)
 
-    def forward(self, x: Tensor, vec: Tensor, n_img: int, rope: tuple[Tensor, Tensor], k_lens: Tensor):
+    def forward(
+        self,
+        x: Tensor,
+        vec: Tensor,
+        n_img: int,
+        rope: tuple[Tensor, Tensor],
+        k_lens: Tensor,
+        sp: SequenceParallel | None = None,
+    ):
         shift, scale, gate = self.modulation(vec).chunk(3, dim=-1)  # 3 x [B, D]
         fused = self.linear1(modulated_norm(x, shift, scale))  # [B, S, 3D + M]
         qkv, mlp = fused.split([fused.shape[-1] - self.mlp_hidden_dim, self.mlp_hidden_dim], dim=-1)
@@ -411,7 +435,11 @@ class MMSingleStreamBlock(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q = torch.cat([apply_rope(q[:, :n_img], *rope), q[:, n_img:]], dim=1)  # RoPE on image tokens only
         k = torch.cat([apply_rope(k[:, :n_img], *rope), k[:, n_img:]], dim=1)
-        attn = attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
+        if sp is None:
+            attn = attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
+        else:  # this rank's image tokens, then the text (the same on every rank)
+            img_qkv, txt_qkv = (t[:, :n_img] for t in (q, k, v)), (t[:, n_img:] for t in (q, k, v))
+            attn = torch.cat(sp.joint_attention(*img_qkv, *txt_qkv), dim=1).flatten(2)  # [B, S, D]
         return x + self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1)) * gate[:, None]  # [B, S, D]
 
 
@@ -463,10 +491,15 @@ class HunyuanVideoModel(nn.Module):
         text_mask: Tensor,
         text_states_2: Tensor,
         guidance: Tensor | None = None,
+        *,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
         """x [B, C, T, H, W] latents, t [B] float timesteps (σ·1000), text_states [B, L, Dt] LLM features,
         text_mask [B, L] (valid tokens first), text_states_2 [B, Dp] CLIP pooled, guidance [B] (see
-        guidance_input) for the distilled model -> velocity [B, C_out, T, H, W] in the weight dtype."""
+        guidance_input) for the distilled model -> velocity [B, C_out, T, H, W] in the weight dtype.
+        sp: sequence parallelism (models.parallel): every rank passes the same full inputs, embeds 1/P of
+        the latent's rows (or columns), attends with the text joined on every rank, and gets the same full
+        output."""
         text_mask = text_mask.to(x.device)  # tokenizer masks often stay on the CPU
         text_lens = self._check_inputs(x, t, text_states, text_mask, text_states_2, guidance)  # [B]
         cfg, dtype = self.config, self.img_in.proj.weight.dtype
@@ -475,21 +508,26 @@ class HunyuanVideoModel(nn.Module):
         vec = self.time_in(t) + self.vector_in(text_states_2.to(dtype))  # [B, D]
         if self.guidance_in is not None:
             vec = vec + self.guidance_in(guidance)  # [B, D]
+        if sp is not None:
+            x, rope, split_dim = shard_latent(x, rope, grid, sp)  # [B, C, T, H/P, W] (or W/P), [N/P, d]
+            grid = tuple(s // p for s, p in zip(x.shape[2:], cfg.patch_size))  # this rank's (t, h, w)
+            sp = sp.with_text_lens(text_lens)
         img = self.img_in(x.to(dtype))  # [B, N, D]
         txt = self.txt_in(text_states, t, text_mask if cfg.use_attention_mask else None)  # [B, L, D]
         n_img = img.shape[1]
         # Joint attention keys per sample: all image tokens, then the valid text; padded text is never a key.
         k_lens = n_img + text_lens  # [B]
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope, k_lens)  # [B, N, D], [B, L, D]
+            img, txt = block(img, txt, vec, rope, k_lens, sp)  # [B, N, D], [B, L, D]
         x_joint = torch.cat([img, txt], dim=1)  # [B, S, D]
         for block in self.single_blocks:
-            x_joint = block(x_joint, vec, n_img, rope, k_lens)  # [B, S, D]
+            x_joint = block(x_joint, vec, n_img, rope, k_lens, sp)  # [B, S, D]
         out = self.final_layer(x_joint[:, :n_img], vec)  # [B, N, pt·ph·pw·C]
         pt, ph, pw = cfg.patch_size
         # The final linear's outputs are ordered (C, pt, ph, pw), as the official unpatchify reads them.
         unpatchify = "B (t h w) (C pt ph pw) -> B C (t pt) (h ph) (w pw)"
-        return rearrange(out, unpatchify, t=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)  # [B, C, T, H, W]
+        out = rearrange(out, unpatchify, t=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)  # [B, C, T, H, W]
+        return out if sp is None else sp.gather(out, dim=split_dim)  # [B, C, T, H, W], same on every rank
 
     def _check_inputs(self, x, t, text_states, text_mask, text_states_2, guidance) -> Tensor:
         """Shapes first (no sync), then one host sync for the mask; returns the valid text length [B]."""
@@ -527,6 +565,27 @@ class HunyuanVideoModel(nn.Module):
                 "text_mask rows must be 0/1 with 1..L valid tokens first (right padding, as tokenizers pad)"
             )
         return lens
+
+
+def shard_latent(
+    x: Tensor, rope: tuple[Tensor, Tensor], grid: tuple[int, int, int], sp: SequenceParallel
+) -> tuple[Tensor, tuple[Tensor, Tensor], int]:
+    """This rank's rows of the latent (else columns) and their RoPE, as the official parallel forward
+    (hyvideo/inference.py): it splits along H when the patch rows divide by P, else along W, else refuses."""
+    t, h, w = grid
+    if h % sp.world_size == 0:
+        split_dim = -2
+    elif w % sp.world_size == 0:
+        split_dim = -1
+    else:
+        raise ValueError(
+            f"the {h}x{w} patch grid splits over {sp.world_size} ranks neither by rows nor by columns; "
+            "pick a video size whose height/16 or width/16 divides by ulysses x ring degree"
+        )
+    rope = tuple(
+        sp.split(r.reshape(t, h, w, -1), dim=split_dim - 1).reshape(-1, r.shape[-1]) for r in rope
+    )  # [N/P, d] each, in the local tokens' (t, h, w) order
+    return sp.split(x, dim=split_dim), rope, split_dim
 
 
 #################################################################################

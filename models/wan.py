@@ -16,6 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import Tensor, nn
 
 from models.attention import attention
 from models.loading import download_command, load_sharded_safetensors, load_strict, require_files
+
+if TYPE_CHECKING:
+    from models.parallel import SequenceParallel
 
 # Width of the open-clip ViT-H/14 features that img_emb projects (fixed in the official MLPProj).
 CLIP_DIM = 1280
@@ -259,13 +263,14 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, freqs: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freqs: Tensor, sp: SequenceParallel | None = None) -> Tensor:
         x = x.to(self.q.weight.dtype)  # [B, L, D] the linears run in the weight dtype (autocast upstream)
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh] fp32
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh] fp32
         v = self.v(x).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh]
         q, k = rope_apply(q, freqs).to(v.dtype), rope_apply(k, freqs).to(v.dtype)  # [B, L, N, Dh]
-        out = attention(q, k, v)  # [B, L, N, Dh]
+        # Sequence parallel: L is this rank's tokens, and the keys of every rank take part (Ulysses/ring).
+        out = attention(q, k, v) if sp is None else sp.attention(q, k, v)  # [B, L, N, Dh]
         return self.o(out.flatten(-2).to(self.o.weight.dtype))  # [B, L, D]
 
 
@@ -319,12 +324,18 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(
-        self, x: Tensor, e0: Tensor, freqs: Tensor, context: Tensor, context_img: Tensor | None
+        self,
+        x: Tensor,
+        e0: Tensor,
+        freqs: Tensor,
+        context: Tensor,
+        context_img: Tensor | None,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
         mod = self.modulation.float() + e0  # [B, 6, D] fp32
         # Order: shift, scale, gate of the self-attention, then shift, scale, gate of the FFN.
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)  # [B, 1, D] each
-        y = self.self_attn(self.norm1(x).float() * (1 + scale1) + shift1, freqs)  # [B, L, D]
+        y = self.self_attn(self.norm1(x).float() * (1 + scale1) + shift1, freqs, sp)  # [B, L, D]
         x = x + y * gate1  # [B, L, D] fp32 from here on (upstream: fp32 gate, fp32 residual)
         x = x + self.cross_attn(self.norm3(x), context, context_img)  # [B, L, D] no gate, no modulation
         h = (self.norm2(x).float() * (1 + scale2) + shift2).to(self.ffn[0].weight.dtype)  # [B, L, D]
@@ -391,11 +402,20 @@ class WanModel(nn.Module):
             self.img_emb = MLPProj(CLIP_DIM, dim)
 
     def forward(
-        self, x: Tensor, t: Tensor, context: Tensor, clip_fea: Tensor | None = None, y: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        clip_fea: Tensor | None = None,
+        y: Tensor | None = None,
+        *,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
         """x [B, C, F, H, W] noisy latents, t [B] timesteps in [0, 1000), context [B, L<=text_len, text_dim]
         (rows past each prompt's length zero), i2v: clip_fea [B, I, 1280], y [B, C_y, F, H, W].
-        Returns the flow prediction [B, out_dim, F, H, W] in fp32."""
+        sp: sequence parallelism (models.parallel): every rank passes the same full inputs, runs the blocks
+        on 1/P of the tokens and gets the same full output. Returns the flow prediction [B, out_dim, F, H,
+        W] in fp32."""
         self._check_inputs(x, t, context, clip_fea, y)
         cfg = self.config
         if y is not None:
@@ -405,6 +425,8 @@ class WanModel(nn.Module):
         # rearrange may return a strided view here; a channel-major residual stream slows every op after it.
         x = rearrange(x, "b d f h w -> b (f h w) d").contiguous()  # [B, L, D]
         freqs = rope_freqs((f, h, w), cfg.head_dim, x.device)  # [L, 1, Dh/2] complex128
+        if sp is not None:
+            x, freqs = shard_tokens(x, freqs, sp)  # [B, L'/P, D], [L'/P, 1, Dh/2]
 
         e = self.time_embedding(sinusoidal_embedding_1d(cfg.freq_dim, t).float())  # [B, D] fp32
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))  # [B, 6, D] fp32
@@ -416,8 +438,10 @@ class WanModel(nn.Module):
         context_img = self.img_emb(clip_fea) if clip_fea is not None else None  # [B, I, D]
 
         for block in self.blocks:
-            x = block(x, e0, freqs, context, context_img)  # [B, L, D] fp32
+            x = block(x, e0, freqs, context, context_img, sp)  # [B, L, D] fp32
         x = self.head(x, e)  # [B, L, P] fp32
+        if sp is not None:  # the head is per token: gather its (smaller) output, as upstream
+            x = sp.gather(x, dim=1)[:, : f * h * w]  # [B, L, P], the padding dropped
         pt, ph, pw = cfg.patch_size
         # The head's output channels are ordered (pt, ph, pw, c), c innermost, as upstream.
         return rearrange(
@@ -461,6 +485,16 @@ class WanModel(nn.Module):
         channels = x.shape[1] + (0 if y is None else y.shape[1])
         if channels != cfg.in_dim:
             raise ValueError(f"x (+ y) has {channels} channels, the model expects in_dim={cfg.in_dim}")
+
+
+def shard_tokens(x: Tensor, freqs: Tensor, sp: SequenceParallel) -> tuple[Tensor, Tensor]:
+    """This rank's chunk of the token sequence and its RoPE rotations, as the official
+    xdit_context_parallel: the sequence is zero-padded to a multiple of P (the padded tokens take part in
+    attention there as well; the official sizes never need it) and the padded rotations are the identity."""
+    length = sp.padded_length(x.shape[1])
+    x = F.pad(x, (0, 0, 0, length - x.shape[1]))  # [B, L', D]
+    identity = torch.ones(length - freqs.shape[0], *freqs.shape[1:], dtype=freqs.dtype, device=freqs.device)
+    return sp.split(x, dim=1), sp.split(torch.cat([freqs, identity]), dim=0)  # [B, L'/P, D], [L'/P, 1, Dh/2]
 
 
 # ---------------------------------------------------------------------------------------------------------
