@@ -4,10 +4,12 @@
     python sample_wan.py --task t2v-1.3B --size 832*480 --prompt "A cat walks on the grass, realistic style."
     python sample_wan.py --task t2v-1.3B --cache none ...                  # the uncached baseline, same loop
     python sample_wan.py --task t2v-1.3B --compare --prompts prompts.txt   # baseline vs cache: one table row
+    torchrun --nproc_per_node=8 sample_wan.py --task t2v-14B --ulysses_size 8 --dit_fsdp --t5_fsdp  # 8 GPUs
 
 Flags keep the official generate.py names (--task --size --frame_num --sample_steps --sample_shift
---sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu); the cache flags come from
-easycache.cli. Without --ckpt_dir the needed files of the task's Hub repo are downloaded into checkpoints/.
+--sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu --ulysses_size --ring_size
+--dit_fsdp --t5_fsdp); the cache flags come from easycache.cli. Without --ckpt_dir the needed files of the
+task's Hub repo are downloaded into checkpoints/.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
 from easycache.compare import Generation, generate_and_report
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.video import to_uint8_frames
+from models.fsdp import shard_model
 from models.loading import resolve_checkpoint
+from models.parallel import Launch, check_layout, init_distributed, init_sequence_parallel, launch_world_size
 from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
 from models.wan import WAN_CONFIGS, WanConfig, load_wan
 from models.wan_t5 import UMT5_TINY, UMT5_XXL, WAN_NEGATIVE_PROMPT, WanT5Config, WanTextEncoder, pad_context
@@ -100,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dtype", choices=["bf16", "fp16", "fp32"], help="DiT dtype (default bf16 on CUDA, else fp32)"
     )
+    g = p.add_argument_group("multi-GPU (under torchrun; ulysses_size x ring_size = number of processes)")
+    g.add_argument("--ulysses_size", type=int, default=1, help="Ulysses degree (splits the heads)")
+    g.add_argument("--ring_size", type=int, default=1, help="ring-attention degree")
+    g.add_argument("--dit_fsdp", action="store_true", help="shard the DiT's weights over the ranks (FSDP2)")
+    g.add_argument("--t5_fsdp", action="store_true", help="shard the umT5 encoder's weights over the ranks")
     add_cache_args(p, thresh=0.05, warmup=10)  # the paper's Wan2.1 setting
     add_output_args(p)
     return p.parse_args(argv)
@@ -136,16 +146,37 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
     if args.sample_steps < 1:
         raise ValueError(f"--sample_steps must be >= 1, got {args.sample_steps}")
     prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    check_launch(args)
     if args.base_seed < 0:
         args.base_seed = random.randint(0, 2**31 - 1)
     return task, (width, height), prompts
 
 
-class WanT2V:
-    """The loaded components of one task and how to run them once."""
+def check_launch(args: argparse.Namespace, num_heads: int | None = None) -> None:
+    """The multi-GPU flags against the torchrun launch (as the official generate.py), and, once the DiT's
+    config is known, the Ulysses head split."""
+    world = launch_world_size()
+    parallel = args.ulysses_size > 1 or args.ring_size > 1
+    if world == 1 and (parallel or args.dit_fsdp or args.t5_fsdp):
+        raise ValueError(
+            "--ulysses_size/--ring_size/--dit_fsdp/--t5_fsdp need several processes: launch with "
+            "torchrun --nproc_per_node=N sample_wan.py ... (ulysses_size x ring_size = N)"
+        )
+    if parallel or num_heads is not None:  # heads unknown yet: check the world size only
+        heads = num_heads or max(args.ulysses_size, 1)
+        check_layout(args.ulysses_size, args.ring_size, world if parallel else 1, heads)
+    if args.t5_fsdp and args.t5_cpu:
+        raise ValueError("--t5_fsdp shards the umT5 encoder over the GPUs; drop --t5_cpu (or --t5_fsdp)")
+    if args.dit_fsdp and args.offload_model:
+        raise ValueError("--offload_model moves the whole DiT; with --dit_fsdp each rank holds 1/N of it")
 
-    def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace):
-        self.task, self.args, self.device = task, args, torch.device(args.device)
+
+class WanT2V:
+    """The loaded components of one task and how to run them once (on every rank of a torchrun launch)."""
+
+    def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace, launch: Launch | None = None):
+        self.launch = launch or Launch(0, 1, torch.device(args.device))
+        self.task, self.args, self.device = task, args, self.launch.device
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
         ]
@@ -154,14 +185,39 @@ class WanT2V:
         self.text_encoder = WanTextEncoder.from_checkpoint(
             ckpt_dir, config=task.t5, device=t5_device, dtype=t5_dtype, text_len=task.text_len
         )
-        self.dit = load_wan(ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id)
+        if args.t5_fsdp:
+            shard_model(self.text_encoder.model, self.text_encoder.model.encoder.block)
+        # FSDP: load on the CPU; fully_shard moves each rank's 1/N to the device (as the official FSDP1 path).
+        dit_device = "cpu" if args.dit_fsdp else self.device
+        self.dit = load_wan(ckpt_dir, config=task.dit, device=dit_device, dtype=dtype, repo_id=task.repo_id)
+        if args.dit_fsdp:
+            shard_model(self.dit, self.dit.blocks)
+        self.sp = None  # sequence parallelism: every rank runs each DiT call on 1/N of the tokens
+        if args.ulysses_size * args.ring_size > 1:
+            self.sp = init_sequence_parallel(
+                args.ulysses_size, args.ring_size, device=self.device, dtype=dtype
+            )
+        # Every rank must take every cache decision alike: rank 0's is broadcast (see StepCache).
+        self.decision_group = dist.group.WORLD if self.launch.world_size > 1 else None
         self.vae = WanVAE.from_checkpoint(
             os.path.join(ckpt_dir, WAN_VAE_FILE), config=task.vae, device=self.device
         )
 
+    def parallel_report(self) -> dict:
+        """The multi-GPU layout, for the report."""
+        a = self.args
+        return {
+            "world_size": self.launch.world_size,
+            "ulysses_size": a.ulysses_size,
+            "ring_size": a.ring_size,
+            "dit_fsdp": a.dit_fsdp,
+            "t5_fsdp": a.t5_fsdp,
+            "attention": self.sp.attn_type if self.sp else None,
+        }
+
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
-        args, device = self.args, self.device
+        args, device, sp = self.args, self.device, self.sp
         sw = Stopwatch(device)
         with sw.phase("end_to_end"):
             with sw.phase("text"):
@@ -177,13 +233,18 @@ class WanT2V:
             steps = num_steps or args.sample_steps
             sigmas = wan_sigmas(steps, args.sample_shift)
             solver = FlowUniPC(sigmas) if args.sample_solver == "unipc" else FlowEuler(sigmas)
-            cache, calls = make_cache(cache_cfg, steps), 0
-            self.dit.to(device)
-            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
+            cache, calls = make_cache(cache_cfg, steps, decision_group=self.decision_group), 0
+            if not args.dit_fsdp:
+                self.dit.to(device)
+            quiet = args.quiet or not self.launch.is_main
+            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=quiet)):
                 t = t.to(device).expand(1)  # [1]
                 if cache is None or cache.should_compute(i, latents):
                     with sw.phase("dit"):  # two DiT calls: the CFG branches, named
-                        v = {"cond": self.dit(latents, t, ctx), "uncond": self.dit(latents, t, ctx_null)}
+                        v = {
+                            "cond": self.dit(latents, t, ctx, sp=sp),
+                            "uncond": self.dit(latents, t, ctx_null, sp=sp),
+                        }
                     calls += 2
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
@@ -194,8 +255,10 @@ class WanT2V:
             if args.offload_model and device.type == "cuda":
                 self.dit.to("cpu")
                 torch.cuda.empty_cache()
-            with sw.phase("vae"):
-                frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
+            with sw.phase("vae"):  # rank 0 alone decodes and writes, as the official multi-GPU run
+                frames = (
+                    to_uint8_frames(self.vae.decode(latents)) if self.launch.is_main else None
+                )  # [F, H, W, 3]
         stats = cache.stats if cache is not None else None
         return Generation(
             frames, latents.cpu(), dict(sw.seconds), calls, stats, cache.trace if cache else None
@@ -213,11 +276,19 @@ def main(argv: list[str] | None = None) -> None:
         ckpt_dir = resolve_checkpoint(
             args.ckpt_dir, repo_id=task.repo_id, files=files, patterns=patterns, default_dir=task.ckpt_dir
         )
+        dit = task.dit or WanConfig.from_json(os.path.join(ckpt_dir, "config.json"))
+        check_launch(args, dit.num_heads)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    pipe = WanT2V(task, ckpt_dir, args)
+    launch = init_distributed(args.device)
+    args.base_seed = launch.broadcast(args.base_seed)  # a seed drawn at random: rank 0's for all
+    pipe = WanT2V(task, ckpt_dir, args, launch)
     report = {"script": "sample_wan.py", "args": vars(args), "environment": environment(pipe.device)}
-    generate_and_report(pipe.generate, prompts, args.base_seed, args, out, report, f"wan {args.task}")
+    report["parallel"] = pipe.parallel_report()
+    generate_and_report(
+        pipe.generate, prompts, args.base_seed, args, out, report, f"wan {args.task}", write=launch.is_main
+    )
+    launch.close()
 
 
 if __name__ == "__main__":

@@ -101,13 +101,15 @@ def compare_runs(
     warmup: Callable[[], None] | None = None,
     lpips: bool = True,
     on_pair: Callable[[Generation, Generation, dict], None] | None = None,
+    measure: bool = True,
 ) -> dict:
     """The baseline of every (prompt, seed) once, then each cache config from the same seed; rows and means.
 
     `generate(prompt, seed, cache_config_or_None)` is the sample script's own generation; `configs` is a
     list of (label, cache config), e.g. one EasyCache, or a τ sweep and static intervals for a Pareto curve.
     `warmup` runs once first so neither side pays for kernel selection or allocator growth. `on_pair` may
-    save the videos.
+    save the videos. `measure=False` (the other ranks of a multi-GPU run) makes the same generations and
+    nothing else: every DiT call needs all ranks, only rank 0 measures and writes.
     """
     if warmup is not None:
         warmup()
@@ -117,6 +119,8 @@ def compare_runs(
         base = generate(prompt, seed, None)
         for label, config in configs:
             cached = generate(prompt, seed, config)
+            if not measure:
+                continue
             row = {"label": label, "run_index": index, "prompt": prompt, "seed": seed}
             row.update(compare_pair(base, cached, lpips=lpips))
             row["cache_stats"] = cached.cache_stats
@@ -124,15 +128,18 @@ def compare_runs(
             if on_pair is not None:
                 on_pair(base, cached, row)
     means = {}
-    for label, _ in configs:
+    for label, _ in configs if rows else ():
         mine = [{k: v for k, v in r.items() if k != "cache_stats"} for r in rows if r["label"] == label]
         means[label] = aggregate(mine)
     return {"rows": rows, "means": means}
 
 
-def generate_and_report(generate, prompts: list[str], seed: int, args, out, report: dict, label: str) -> None:
+def generate_and_report(
+    generate, prompts: list[str], seed: int, args, out, report: dict, label: str, *, write: bool = True
+) -> None:
     """The end of every sample script's main(): with --compare, the baseline against each cache of
-    `compare_configs(args)` (one table row each); otherwise one video per prompt. Writes videos and report.
+    `compare_configs(args)` (one table row each); otherwise one video per prompt. Writes videos and report;
+    with `write=False` (ranks other than 0 of a multi-GPU run) it makes the same generations, silently.
 
     `generate(prompt, seed, cache_config, num_steps=None)` is the script's generation; `out` a RunOutputs.
     """
@@ -144,17 +151,24 @@ def generate_and_report(generate, prompts: list[str], seed: int, args, out, repo
         warmup = lambda: generate(prompts[0], seed, None, num_steps=2)  # noqa: E731  kernels, allocator
         seeds = [seed + i for i in range(args.num_seeds)]
         configs = compare_configs(args)
+        on_pair = out.save_pair if write else None
         result = compare_runs(
-            generate, prompts, seeds, configs, warmup=warmup, lpips=args.lpips, on_pair=out.save_pair
+            generate, prompts, seeds, configs, warmup=warmup, lpips=args.lpips, on_pair=on_pair, measure=write
         )
+        if not write:
+            return
         print_comparison(result, label)
         report["comparison"] = result
     else:
         runs = []
         for i, prompt in enumerate(prompts):
             gen = generate(prompt, seed, cache_config(args))
+            if not write:
+                continue
             runs.append(out.save_single(gen, prompt=prompt, seed=seed, index=i if len(prompts) > 1 else None))
             print(summary_line(label, gen, runs[-1]["outputs"]["video"]))
+        if not write:
+            return
         report.update(runs[0] if len(runs) == 1 else {"runs": runs})
     print(f"report: {write_json(out.report, json_safe(report))}")
 

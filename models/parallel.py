@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -222,3 +223,57 @@ def init_sequence_parallel(
     # after its all-to-all with torch kernels (wrong results).
     attn = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.from_string(attn_type))
     return SequenceParallel(ulysses_size, ring_size, attn_type, rank, world, _attn=attn)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launching under torchrun
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a torchrun launch (world_size 1 without torchrun)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, writes the video and the report."""
+        return self.rank == 0
+
+    def broadcast(self, value):
+        """Rank 0's value of a small picklable object (e.g. a seed drawn at random), on every rank."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch_world_size() -> int:
+    """The world size torchrun announces in the environment (1 when not launched by torchrun); readable
+    before any process group exists, so that bad layouts are refused before anything loads."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(device: str) -> Launch:
+    """Join the torchrun process group (NCCL on CUDA, one GPU per local rank; gloo on the CPU)."""
+    world = launch_world_size()
+    if world == 1:
+        return Launch(0, 1, torch.device(device))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Launch(dist.get_rank(), dist.get_world_size(), dev)
