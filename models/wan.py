@@ -568,9 +568,12 @@ def load_wan(
     with torch.device("meta"):
         model = WanModel(config)
     keep = fp32_island_keys(model)
-    state = load_sharded_safetensors(ckpt_dir, WEIGHTS)
-    for k in list(state):  # cast key by key so that at most one extra tensor is alive at a time
-        state[k] = state[k].to(torch.float32 if k in keep else dtype)
+    # Cast each tensor as it is read, into memory of its own (copy=True: a tensor left viewing the memory
+    # map, e.g. an fp32 island, would keep every shard's pages mapped): the peak is the cast model plus one
+    # shard (benchmarks/loader_memory.py), not the whole fp32 state next to its cast copy.
+    state = load_sharded_safetensors(
+        ckpt_dir, WEIGHTS, cast=lambda k, t: t.to(torch.float32 if k in keep else dtype, copy=True)
+    )
     load_strict(model, state, source=ckpt_dir)
     return model.to(device).eval()
 

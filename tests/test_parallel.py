@@ -4,6 +4,7 @@ comparison is between the parallel and the plain path of the same code on the sa
 
 import copy
 import dataclasses
+import json
 import os
 import tempfile
 
@@ -129,3 +130,25 @@ def test_cpu_flash_kernel_returns_output_and_logsumexp():
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / 8**0.5, dim=-1))
+
+
+def test_sharded_safetensors_are_cast_tensor_by_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from models.loading import load_sharded_safetensors
+
+    state = {f"w{i}": torch.randn(3, 2) for i in range(5)}
+    weight_map = {}
+    for i, keys in enumerate((["w0", "w1"], ["w2"], ["w3", "w4"])):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-00003.safetensors"
+        save_file({k: state[k] for k in keys}, str(tmp_path / name))
+        weight_map.update(dict.fromkeys(keys, name))
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
+    seen = []
+    loaded = load_sharded_safetensors(str(tmp_path), cast=lambda k, t: seen.append(k) or t.to(torch.bfloat16))
+    assert sorted(seen) == sorted(state)  # every tensor once, cast as it was read
+    assert all(
+        loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], state[k].bfloat16()) for k in state
+    )
