@@ -154,6 +154,8 @@ class SequenceParallel:
         from yunchang.kernels import select_flash_attn_impl
         from yunchang.ring.utils import update_out_and_lse
 
+        if self.attn_type == "torch_math":  # its zero log-sum-exp would weigh the text wrongly
+            raise ValueError("joint (text) attention needs a kernel with a log-sum-exp, not torch_math")
         attn, n_local = self._attn, q.shape[1]
         ulysses = attn.ulysses_pg
         q_all = torch.cat([q, jq], dim=1)  # [B, N/P + T, A, d] "rear": text queries after the image ones
