@@ -74,26 +74,29 @@ def test_parallel_generation_equals_one_process(generations, layout):
 
 
 @pytest.mark.slow
-def test_torchrun_with_fsdp_writes_one_video_and_the_layout(tmp_path):
-    """torchrun for real: Ulysses 2 with the DiT and umT5 sharded (FSDP2), against one process."""
+def test_torchrun_compare_with_fsdp_writes_once_and_records_the_layout(tmp_path):
+    """torchrun for real: --compare under Ulysses 2 with the DiT and umT5 sharded (FSDP2), against one
+    process's generation."""
     one, two = tmp_path / "one", tmp_path / "two"
     sample_wan.main(["--task", "tiny", *STEPS, "--lossless", "--save_file", str(one / "v.mp4")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_port", str(free_port()), "sample_wan.py", "--task", "tiny", *STEPS, "--lossless",
-           "--save_file", str(two / "v.mp4"),
+           "--save_file", str(two / "v.mp4"), "--compare", "--no-lpips",
            "--ulysses_size", "2", "--dit_fsdp", "--t5_fsdp"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchelastic_* lands in tmp_path
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(two)) == ["v.json", "v.mkv", "v.mp4"]  # rank 0 alone wrote
-    assert proc.stdout.count("report:") == 1
+    videos = ["v_0_baseline.mkv", "v_0_baseline.mp4", "v_0_easycache.mkv", "v_0_easycache.mp4"]
+    assert sorted(os.listdir(two)) == ["v.json", *videos]  # rank 0 alone wrote
+    assert proc.stdout.count("report:") == 1 and proc.stdout.count("| easycache |") == 1
     ref, report = (json.loads((d / "v.json").read_text()) for d in (one, two))
     assert report["parallel"] == {"world_size": 2, "ulysses_size": 2, "ring_size": 1, "dit_fsdp": True,
                                   "t5_fsdp": True, "attention": "torch_flash"}  # fmt: skip
-    assert report["cache"]["computed_steps"] == ref["cache"]["computed_steps"]
-    assert report["cache"]["nfe_ratio"] >= 1.5 and len(report["trace"]) == 12
+    row = report["comparison"]["rows"][0]
+    assert row["cache_stats"]["computed_steps"] == ref["cache"]["computed_steps"]
+    assert row["nfe_ratio"] >= 1.5 and len(row["trace"]) == 12
     # Latents within ~1e-6 relative (see above): 8-bit rounding may flip a rare pixel by one level.
-    diff = np.abs(read_video(str(two / "v.mkv")).astype(int) - read_video(str(one / "v.mkv")))
+    diff = np.abs(read_video(str(two / "v_0_easycache.mkv")).astype(int) - read_video(str(one / "v.mkv")))
     assert diff.max() <= 1 and diff.mean() < 1e-3
 
 
