@@ -18,7 +18,7 @@ import json
 import os
 import random
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -26,9 +26,19 @@ from tqdm import tqdm
 
 from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
 from easycache.compare import Generation, generate_and_report
+from easycache.magcache import MagCacheConfig
+from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
+from easycache.teacache import COEFFICIENTS, TeaCacheConfig
 from easycache.video import to_uint8_frames
-from models.hunyuan import CKPT_FILE, HUNYUAN_CONFIGS, HunyuanVideoConfig, guidance_input, load_hunyuan
+from models.hunyuan import (
+    CKPT_FILE,
+    HUNYUAN_CONFIGS,
+    HunyuanVideoConfig,
+    flops_per_call,
+    guidance_input,
+    load_hunyuan,
+)
 from models.hunyuan import HUB_REPO as DIT_REPO
 from models.hunyuan_text import HUB_REPO as PARTS_REPO
 from models.hunyuan_text import HunyuanTextEncoders
@@ -94,9 +104,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=DTYPES, help="DiT dtype (official bf16; CPU default fp32)")
     p.add_argument("--vae-precision", choices=DTYPES, help="VAE dtype (official fp16; CPU default fp32)")
     p.add_argument("--text-encoder-precision", choices=DTYPES, help="LLM, CLIP (official fp16; CPU fp32)")
-    add_cache_args(p, thresh=0.025, warmup=5)  # the authors' HunyuanVideo setting
+    add_cache_args(p, thresh=0.025, warmup=5, defaults=BASELINES)  # the authors' HunyuanVideo setting
     add_output_args(p)
     return p.parse_args(argv)
+
+
+# The baselines' official HunyuanVideo settings: TeaCache4HunyuanVideo (τ 0.15 "2.1x", 0.1 "1.6x"; probe:
+# block 0's modulated image tokens; steps 0 and N-1 computed), MagCache4HunyuanVideo (δ 0.24, K 6, 0.2; the
+# ratio table of the video size, set in check_args), and diffusers' PAB setting. MagCache's tables are of the
+# cond call only (the official runs the distilled model without true CFG): an uncond call follows cond.
+BASELINES = {
+    "teacache": TeaCacheConfig(rel_l1_thresh=0.15, coefficients=COEFFICIENTS["hunyuan-t2v-720p"],
+                               probe="modulated"),
+    "magcache": MagCacheConfig(magcache_thresh=0.24, magcache_K=6, mag_ratios=MAG_RATIOS["hunyuan-t2v-544p"],
+                               branches="cond"),
+}  # fmt: skip
 
 
 def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list[str]]:
@@ -110,6 +132,9 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
     if len(size) > 2:
         raise ValueError(f"--video-size takes H W (or one value for a square), got {size}")
     args.video_size = height, width = size[0], size[-1]
+    if height == 720 or width == 720:  # MagCache's 720p table (the official picks it by video_size[0])
+        magcache = replace(args.method_defaults["magcache"], mag_ratios=MAG_RATIOS["hunyuan-t2v-720p"])
+        args.method_defaults = {**args.method_defaults, "magcache": magcache}
     if args.video_length < 1 or (args.video_length - 1) % 4:
         raise ValueError(f"--video-length must be 4n+1 (the VAE packs 4 frames in 1): {args.video_length}")
     if min(height, width) <= 0 or height % 16 or width % 16:  # the official rounds up to 16 silently
@@ -251,19 +276,24 @@ class HunyuanT2V:
             )
             steps = num_steps or args.infer_steps
             solver = FlowEuler(hunyuan_sigmas(steps, args.flow_shift))
-            cache, calls = make_cache(cache_cfg, steps, decision_group=self.decision_group), 0
+            grid = tuple(s // p for s, p in zip(shape[2:], cfg.patch_size))  # the DiT's patch grid
+            cost = flops_per_call(cfg, grid, text_len=text["cond"][0].shape[1])  # for the work ratio
+            kw = dict(timesteps=solver.timesteps.tolist(), cost=cost, decision_group=self.decision_group)
+            cache, calls = make_cache(cache_cfg, steps, **kw), 0
             self.dit.to(device)
             quiet = args.quiet or not self.launch.is_main
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=quiet)):
                 t = t.to(device).expand(1)  # [1] float σ·1000
                 if cache is None or cache.should_compute(i, latents):
                     with sw.phase("dit"):  # one DiT call per branch (the official batches CFG's two)
-                        v = {k: self.dit(latents, t, *text[k], g_in, sp=sp) for k in text}
+                        # TeaCache, MagCache and PAB act inside the DiT through one hook per call (else None).
+                        hooks = {k: cache.hook(k) if cache is not None else None for k in text}
+                        v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k], sp=sp) for k in text}
                     calls += len(v)
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
-                    v = cache.reuse(latents)  # EasyCache: v̂ = x_t + Δ_i for every branch, no DiT call
+                    v = cache.reuse(latents)  # EasyCache/static: v̂ = x_t + Δ_i for every branch, no DiT call
                 noise_pred = v["cond"]
                 if "uncond" in v:  # true CFG
                     noise_pred = v["uncond"] + args.cfg_scale * (v["cond"] - v["uncond"])

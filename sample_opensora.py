@@ -25,10 +25,14 @@ from tqdm import tqdm
 
 from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
 from easycache.compare import Generation, generate_and_report
+from easycache.magcache import MagCacheConfig
+from easycache.pab import PAB_OPENSORA
+from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
+from easycache.teacache import COEFFICIENTS, TeaCacheConfig
 from easycache.video import to_uint8_frames
 from models.loading import resolve_checkpoint
-from models.opensora import HUB_REPO, load_stdit3
+from models.opensora import HUB_REPO, flops_per_call, load_stdit3
 from models.opensora_text import DEFAULT_AES, T5_REPO_ID, OpenSoraTextEncoder
 from models.opensora_vae import OPENSORA_VAE_V1_2, OpenSoraVAE, OpenSoraVAEConfig
 from models.opensora_vae import REPO_ID as VAE_REPO_ID
@@ -70,6 +74,18 @@ CHECKPOINTS = {  # flag -> (Hub repo, default folder, files read, download patte
 }  # fmt: skip
 
 
+# The baselines' official OpenSora 1.2 settings (all through VideoSys, batched CFG: one decision per call):
+# TeaCache eval/teacache/experiments/opensora.py (τ 0.1 / 0.2; first and last step computed), MagCache
+# eval/magcache/experiments/opensora.py (δ 0.12, K 3, skip_time 6 = 0.2 of 30 steps), VideoSys' PAB config.
+BASELINES = {
+    "teacache": TeaCacheConfig(
+        rel_l1_thresh=0.1, coefficients=COEFFICIENTS["opensora-v1.2"], probe="modulated"
+    ),
+    "magcache": MagCacheConfig(magcache_thresh=0.12, magcache_K=3, mag_ratios=MAG_RATIOS["opensora-v1.2"]),
+    "pab": PAB_OPENSORA,
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="a beautiful waterfall", help="the prompt (default: the README's)")
@@ -93,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The paper does not publish its OpenSora τ and R. Chosen by a 30-step flow-Euler sweep on the demo model
     # (README, "Defaults of τ and R"): the setting whose PSNR is closest to that of the Wan default (τ 0.05,
     # R 10 of 50 steps) on the same model; R 6 keeps the Wan warm-up share (10 of 50).
-    add_cache_args(p, thresh=0.07, warmup=6)
+    add_cache_args(p, thresh=0.07, warmup=6, defaults=BASELINES)
     add_output_args(p)
     return p.parse_args(argv)
 
@@ -187,20 +203,24 @@ class OpenSoraT2V:
             hh, ww = (torch.tensor([float(v)], device=device) for v in (height, width))  # [1] pixels each
             steps = num_steps or args.num_sampling_steps
             solver = RFEuler(*opensora_timesteps(steps, height=height, width=width, num_frames=frames))
-            cache, calls = make_cache(cache_cfg, steps), 0
+            grid = tuple(-(-s // p) for s, p in zip(shape[2:], self.dit.config.patch_size))  # padded grid
+            cost = flops_per_call(self.dit.config, grid, batch=2)  # one batched call on [cond; uncond]
+            cache = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist(), cost=cost)
+            calls = 0
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
                 t = t.to(device).repeat(2)  # [2]
                 if cache is None or cache.should_compute(i, latents):
                     # ONE batched DiT call on [z; z] with [y; y_null], as the official RF sampler
                     with sw.phase("dit"):
-                        pred = self.dit(torch.cat([latents, latents]), t, y, mask, fps, hh, ww)  # [2,8,T,h,w]
+                        hook = cache.hook("batch") if cache is not None else None  # TeaCache, MagCache, PAB
+                        pred = self.dit(torch.cat([latents, latents]), t, y, mask, fps, hh, ww, cache=hook)
                         pred = pred[:, : self.dit.config.in_channels]  # velocity; the rest is the unused σ
                         v = {"cond": pred[:1], "uncond": pred[1:]}  # split first: one Δ per CFG half
                     calls += 1  # NFE counts batched calls: one per computed step
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
-                    v = cache.reuse(latents)  # EasyCache: v̂ = x_t + Δ_i for both halves, no DiT call
+                    v = cache.reuse(latents)  # EasyCache/static: v̂ = x_t + Δ_i for both halves, no DiT call
                 noise_pred = v["uncond"] + args.cfg_scale * (v["cond"] - v["uncond"])  # x0 − noise direction
                 latents = solver.step(noise_pred, i, latents)  # [1, 4, T, h, w] fp32
             with sw.phase("vae"):

@@ -18,7 +18,7 @@ import argparse
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -26,13 +26,17 @@ from tqdm import tqdm
 
 from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
 from easycache.compare import Generation, generate_and_report
+from easycache.magcache import MagCacheConfig
+from easycache.methods import parse_value
+from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
+from easycache.teacache import COEFFICIENTS, TeaCacheConfig
 from easycache.video import to_uint8_frames
 from models.fsdp import shard_model
 from models.loading import resolve_checkpoint
 from models.parallel import Launch, check_layout, init_distributed, init_sequence_parallel, launch_world_size
 from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
-from models.wan import WAN_CONFIGS, WanConfig, load_wan
+from models.wan import WAN_CONFIGS, WanConfig, flops_per_call, load_wan
 from models.wan_t5 import UMT5_TINY, UMT5_XXL, WAN_NEGATIVE_PROMPT, WanT5Config, WanTextEncoder, pad_context
 from models.wan_vae import WAN_VAE_CONFIG, WAN_VAE_FILE, WAN_VAE_TINY, WanVAE, WanVAEConfig
 
@@ -59,6 +63,10 @@ class Task:
         "stage."
     )
     weights: str = "diffusion_pytorch_model.safetensors"  # or the shard index of a sharded DiT
+    # The baselines' official settings for this model (TeaCache4Wan2.1 / MagCache4Wan2.1 scripts).
+    teacache: TeaCacheConfig = TeaCacheConfig()
+    magcache: MagCacheConfig = field(default_factory=MagCacheConfig)
+    calibration: str | None = None  # a JSON of easycache.calibrate: its coefficients and ratios as defaults
 
 
 _WAN_FILES = ["models_t5_umt5-xxl-enc-bf16.pth", WAN_VAE_FILE, "google/umt5-xxl/tokenizer_config.json"]
@@ -71,12 +79,15 @@ TASKS = {
         "Wan-AI/Wan2.1-T2V-14B", "checkpoints/Wan2.1-T2V-14B", WAN_CONFIGS["t2v-14B"], UMT5_XXL,
         WAN_VAE_CONFIG, sizes=("1280*720", "720*1280", "832*480", "480*832"),
         weights="diffusion_pytorch_model.safetensors.index.json",
+        teacache=TeaCacheConfig(rel_l1_thresh=0.2, coefficients=COEFFICIENTS["wan-t2v-14B"]),
+        magcache=MagCacheConfig(mag_ratios=MAG_RATIOS["wan-t2v-14B"]),
     ),
     # The embedded demo model (train_wan_tiny.py): same classes and file layout, toy sizes, runs on a CPU.
     "tiny": Task(
         None, "checkpoints/wan-tiny", None, UMT5_TINY, WAN_VAE_TINY, sizes=("64*64",), frame_num=17,
         sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
         prompt="a red circle moving right on a blue background",
+        teacache=TeaCacheConfig(rel_l1_thresh=0.05), calibration="checkpoints/wan-tiny/calibration.json",
     ),
 }  # fmt: skip
 
@@ -145,6 +156,12 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         )
     if args.sample_steps < 1:
         raise ValueError(f"--sample_steps must be >= 1, got {args.sample_steps}")
+    teacache, magcache = task.teacache, task.magcache
+    if task.calibration:  # the demo model's own fit (the published ones belong to the real models)
+        coefficients = parse_value(TeaCacheConfig, "coefficients", task.calibration)
+        teacache = replace(teacache, coefficients=coefficients)
+        magcache = replace(magcache, mag_ratios=parse_value(MagCacheConfig, "mag_ratios", task.calibration))
+    args.method_defaults = {"teacache": teacache, "magcache": magcache, **args.method_defaults}
     prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
     check_launch(args)
     if args.base_seed < 0:
@@ -215,6 +232,10 @@ class WanT2V:
             "attention": self.sp.attn_type if self.sp else None,
         }
 
+    def dit_grid(self, shape) -> tuple[int, int, int]:
+        """The DiT's patch grid (f, h, w) for latents of `shape` [B, C, F, H, W]."""
+        return tuple(s // p for s, p in zip(shape[2:], self.dit.config.patch_size))
+
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
         args, device, sp = self.args, self.device, self.sp
@@ -233,23 +254,27 @@ class WanT2V:
             steps = num_steps or args.sample_steps
             sigmas = wan_sigmas(steps, args.sample_shift)
             solver = FlowUniPC(sigmas) if args.sample_solver == "unipc" else FlowEuler(sigmas)
-            cache, calls = make_cache(cache_cfg, steps, decision_group=self.decision_group), 0
+            cost = flops_per_call(self.dit.config, self.dit_grid(latents.shape))  # for the work ratio
+            kw = dict(timesteps=solver.timesteps.tolist(), cost=cost, decision_group=self.decision_group)
+            cache, calls = make_cache(cache_cfg, steps, **kw), 0
             if not args.dit_fsdp:
                 self.dit.to(device)
             quiet = args.quiet or not self.launch.is_main
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=quiet)):
                 t = t.to(device).expand(1)  # [1]
                 if cache is None or cache.should_compute(i, latents):
+                    # TeaCache, MagCache and PAB act inside the DiT through one hook per call (else None).
+                    hc, hu = (cache.hook("cond"), cache.hook("uncond")) if cache is not None else (None, None)
                     with sw.phase("dit"):  # two DiT calls: the CFG branches, named
                         v = {
-                            "cond": self.dit(latents, t, ctx, sp=sp),
-                            "uncond": self.dit(latents, t, ctx_null, sp=sp),
+                            "cond": self.dit(latents, t, ctx, cache=hc, sp=sp),
+                            "uncond": self.dit(latents, t, ctx_null, cache=hu, sp=sp),
                         }
                     calls += 2
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
-                    v = cache.reuse(latents)  # EasyCache: v̂ = x_t + Δ_i for both branches, no DiT call
+                    v = cache.reuse(latents)  # EasyCache/static: v̂ = x_t + Δ_i for both branches, no DiT call
                 noise_pred = v["uncond"] + args.sample_guide_scale * (v["cond"] - v["uncond"])
                 latents = solver.step(noise_pred, i, latents)  # [1, 16, T, h, w] fp32
             if args.offload_model and device.type == "cuda":

@@ -32,13 +32,18 @@ class StepCache:
         num_steps: int,
         *,
         reuse_output: bool = False,
+        branch: str | None = None,
         group: dist.ProcessGroup | None = None,
         decision_group: dist.ProcessGroup | None = None,
+        first_step: int = 0,
     ):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if isinstance(first_step, bool) or not isinstance(first_step, int) or not 0 <= first_step < num_steps:
+            raise ValueError(f"first_step must be an int in [0, {num_steps}), got {first_step!r}")
         self.num_steps = num_steps
         self.reuse_output = reuse_output
+        self.branch = branch  # the branch whose output the statistics read (None: the first one)
         # With a process group, every norm is reduced over all ranks, so ranks that hold different samples
         # of one batch still take the same decision (as if the whole batch were on one device).
         self.group = group
@@ -47,7 +52,10 @@ class StepCache:
         # identical tensors (the full latent, the gathered output), but an identical decision must not rest
         # on bit-identical float arithmetic: one rank skipping while another computes hangs the collectives.
         self.decision_group = decision_group
-        self._step = -1  # last step decided
+        # Last step decided. A cache may join a generation late (`first_step` > 0: the second expert of
+        # Wan2.2, which takes over at the boundary step); steps keep their global numbers, so the warm-up
+        # and the forced last step mean the same sampling steps for every expert.
+        self._step = first_step - 1
         self._pending: bool | None = None  # decision of `_step` still waiting for update()/reuse()
         self._shape: torch.Size | None = None
         self._prev_x: Tensor | None = None  # input of the previous step, computed or not
@@ -119,7 +127,9 @@ class StepCache:
         if self._pending is not True:
             raise RuntimeError(self._misuse("update"))
         branches = self._branches(v, x)
-        self._observe(x, branches[self._names[0]])
+        if self.branch is not None and self.branch not in branches:
+            raise ValueError(f"the statistics read branch {self.branch!r}, but update() got {list(branches)}")
+        self._observe(x, branches[self.branch if self.branch is not None else self._names[0]])
         self._delta = {name: b - x for name, b in branches.items()}  # Δ_t = v_t − x_t
         self._last_x = x.detach().clone()
         self._records[-1]["dit_seconds"] = dit_seconds
@@ -139,6 +149,11 @@ class StepCache:
         out = {name: base + d for name, d in self._delta.items()}
         self._pending = None
         return out if self._is_dict else out[_SINGLE]
+
+    def hook(self, branch: str):
+        """The `cache=` argument of one DiT call of this step: None here (a step cache never acts inside the
+        DiT); TeaCache, MagCache, PAB and the analysis mode return a hook (easycache.hooks)."""
+        return None
 
     # ----------------------------------------------------------------------------------------------
     # Hooks for subclasses
@@ -191,6 +206,8 @@ class StepCache:
             "num_computed": len(computed),
             "num_skipped": len(skipped),
             "nfe_ratio": len(self._records) / len(computed) if computed else None,
+            # A skipped step does no DiT work at all, so the work ratio (FLOPs) equals the NFE ratio.
+            "work_ratio": len(self._records) / len(computed) if computed else None,
             "dit_seconds": sum(times) if times else None,
         }
 

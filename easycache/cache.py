@@ -57,7 +57,13 @@ class EasyCacheConfig:
     """Ablation: on a skipped step return the last computed output v_i itself instead of x_t + Δ_i (the
     naive output cache that the transformation vector improves on; commented out in the authors' code)."""
 
+    branch: str | None = None
+    """The CFG branch whose output drives k and ‖v_i‖ (e.g. "cond", as the authors' even calls); None: the
+    first branch handed to update(). All branches share the one decision per step either way."""
+
     def __post_init__(self):
+        if self.branch is not None and (not isinstance(self.branch, str) or not self.branch):
+            raise ValueError(f"EasyCacheConfig.branch must be a branch name or None, got {self.branch!r}")
         if isinstance(self.thresh, bool) or not isinstance(self.thresh, (int, float)) or not self.thresh >= 0:
             raise ValueError(f"EasyCacheConfig.thresh (τ) must be a number >= 0, got {self.thresh!r}")
         if math.isinf(self.thresh):
@@ -87,12 +93,12 @@ class EasyCache(StepCache):
         *,
         group: dist.ProcessGroup | None = None,
         decision_group: dist.ProcessGroup | None = None,
+        first_step: int = 0,
     ):
         if not isinstance(config, EasyCacheConfig):
             raise TypeError(f"config must be an EasyCacheConfig, got {type(config).__name__}")
-        super().__init__(
-            num_steps, reuse_output=config.reuse_output, group=group, decision_group=decision_group
-        )
+        kw = dict(reuse_output=config.reuse_output, branch=config.branch, group=group, first_step=first_step)
+        super().__init__(num_steps, **kw, decision_group=decision_group)
         if config.warmup >= num_steps:
             raise ValueError(
                 f"EasyCacheConfig.warmup (R={config.warmup}) must be smaller than the {num_steps} sampling "

@@ -6,23 +6,58 @@ import argparse
 import dataclasses
 import os
 
+from .analyze import Analyze, AnalyzeConfig
 from .base import StepCache
 from .baselines import StaticCache, StaticCacheConfig
 from .cache import K_UPDATES, EasyCache, EasyCacheConfig
+from .magcache import MagCache, MagCacheConfig
+from .methods import METHODS as METHOD_CONFIGS
+from .methods import field_names, parse_assignment, parse_value
+from .pab import PAB, PABConfig
+from .teacache import TeaCache, TeaCacheConfig
 
-METHODS = ("easycache", "static", "none", "analyze")
+METHODS = ("easycache", "static", "teacache", "pab", "magcache", "none", "analyze")
+# The official flag names of TeaCache's and MagCache's scripts, as aliases of the config fields.
+OFFICIAL_ALIASES = {
+    "teacache_thresh": ("teacache", "rel_l1_thresh"),
+    "rel_l1_thresh": ("teacache", "rel_l1_thresh"),
+    "magcache_thresh": ("magcache", "magcache_thresh"),
+    "magcache_K": ("magcache", "magcache_K"),
+    "retention_ratio": ("magcache", "retention_ratio"),
+}
 
 
-def add_cache_args(parser: argparse.ArgumentParser, *, thresh: float = 0.05, warmup: int = 10) -> None:
-    """Add the cache flags; `thresh`, `warmup`: the model's defaults (Wan 0.05/10, HunyuanVideo 0.025/5)."""
+def add_cache_args(
+    parser: argparse.ArgumentParser,
+    *,
+    thresh: float = 0.05,
+    warmup: int = 10,
+    defaults: dict[str, object] | None = None,
+) -> None:
+    """Add the cache flags; `thresh`, `warmup`: the model's EasyCache defaults (Wan 0.05/10, HunyuanVideo
+    0.025/5); `defaults`: the model's TeaCache/MagCache/PAB configs by method name (else the Wan2.1 ones)."""
     g = parser.add_argument_group("caching")
     g.add_argument(
         "--cache",
         choices=METHODS,
         default="easycache",
-        help="step cache: the paper's runtime-adaptive EasyCache, a static interval, none (the baseline), or "
-        "analyze (the baseline, recording the transformation rate k_t at every step)",
+        help="the paper's runtime-adaptive EasyCache, a static interval, TeaCache, PAB (pyramid attention "
+        "broadcast), MagCache, none (the baseline), or analyze (the baseline, recording k_t and the "
+        "statistics `python -m easycache.calibrate` fits TeaCache and MagCache to)",
     )
+    parser.set_defaults(method_defaults=dict(defaults or {}))
+    m = parser.add_argument_group(
+        "any field of any method",
+        "--METHOD.FIELD VALUE sets one field of that method's config (e.g. --teacache.rel_l1_thresh 0.1, "
+        "--magcache.mag_ratios calib.json, --pab.spatial_threshold 100:800); fields keep the official names",
+    )
+    for method in METHOD_CONFIGS:
+        for name in field_names(method):
+            m.add_argument(
+                f"--{method}.{name}", dest=f"set:{method}.{name}", metavar="V", help=argparse.SUPPRESS
+            )
+    for flag, (method, name) in OFFICIAL_ALIASES.items():
+        m.add_argument(f"--{flag}", dest=f"set:{method}.{name}", metavar="V", help=f"= --{method}.{name}")
     g.add_argument("--thresh", type=float, default=thresh, help="EasyCache τ (default %(default)s)")
     g.add_argument(
         "--warmup",
@@ -65,33 +100,58 @@ def add_cache_args(parser: argparse.ArgumentParser, *, thresh: float = 0.05, war
     )
 
 
-def cache_config(args: argparse.Namespace) -> EasyCacheConfig | StaticCacheConfig | None:
+def method_config(args: argparse.Namespace, method: str):
+    """The config of `method` from the flags: the model's default, the classic flags, then --METHOD.FIELD."""
+    if method == "static":
+        cfg = StaticCacheConfig(interval=args.interval, warmup=args.warmup, compute_last=args.compute_last)
+    elif method == "easycache":
+        cfg = EasyCacheConfig(
+            thresh=args.thresh,
+            warmup=args.warmup,
+            compute_last=args.compute_last,
+            k_update=args.k_update,
+            ema_decay=args.ema_decay,
+            reuse_output=args.reuse_output,
+        )
+    else:
+        cfg = getattr(args, "method_defaults", {}).get(method) or METHOD_CONFIGS[method]()
+    cls, changes = type(cfg), {}
+    for name in field_names(method):
+        text = getattr(args, f"set:{method}.{name}", None)
+        if text is not None:
+            changes[name] = parse_value(cls, name, text)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def cache_config(args: argparse.Namespace):
     """Validate the cache flags early (before any model is loaded); None for `--cache none`."""
     if args.cache == "none":
         return None
     if args.cache == "analyze":  # τ = 0, R = 0 computes every step (bit-identical to none) and records k_t
-        return EasyCacheConfig(thresh=0.0, warmup=0)
-    if args.cache == "static":
-        return StaticCacheConfig(interval=args.interval, warmup=args.warmup, compute_last=args.compute_last)
-    return EasyCacheConfig(
-        thresh=args.thresh,
-        warmup=args.warmup,
-        compute_last=args.compute_last,
-        k_update=args.k_update,
-        ema_decay=args.ema_decay,
-        reuse_output=args.reuse_output,
-    )
+        return AnalyzeConfig(thresh=0.0, warmup=0)
+    return method_config(args, args.cache)
 
 
-def make_cache(
-    config: EasyCacheConfig | StaticCacheConfig | None, num_steps: int, **kwargs
-) -> StepCache | None:
-    """A fresh cache for one generation (None runs the uncached baseline through the same loop)."""
+def make_cache(config, num_steps: int, *, timesteps=None, cost=None, **kwargs) -> StepCache | None:
+    """A fresh cache for one generation (None runs the uncached baseline through the same loop).
+
+    `timesteps`: the schedule's timesteps (PAB's windows are in timestep units); `cost`: the analytic FLOPs
+    of one DiT call by part (see easycache.hooks), for the work ratio of the in-DiT caches."""
     if config is None:
         return None
+    if isinstance(config, AnalyzeConfig):
+        return Analyze(config, num_steps, **kwargs)
     if isinstance(config, StaticCacheConfig):
         return StaticCache(config, num_steps, **kwargs)
-    return EasyCache(config, num_steps, **kwargs)
+    if isinstance(config, TeaCacheConfig):
+        return TeaCache(config, num_steps, cost=cost, **kwargs)
+    if isinstance(config, MagCacheConfig):
+        return MagCache(config, num_steps, cost=cost, **kwargs)
+    if isinstance(config, PABConfig):
+        return PAB(config, num_steps, timesteps=timesteps, cost=cost, **kwargs)
+    if isinstance(config, EasyCacheConfig):
+        return EasyCache(config, num_steps, **kwargs)
+    raise TypeError(f"not a cache config: {type(config).__name__}")
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -116,12 +176,21 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
         help="--compare: run every prompt with this many seeds (seed, seed+1, ...) and average over all",
     )
     g.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="METHOD.FIELD=v1,v2",
+        help="--compare: run METHOD at each value of one config field, the rest as set by the flags; "
+        "repeatable (each --sweep is its own series), e.g. --sweep teacache.rel_l1_thresh=0.1,0.2 "
+        "--sweep easycache.k_update=local,ema --sweep pab.spatial_range=2,3",
+    )
+    g.add_argument(
         "--sweep-thresh",
         "--sweep_thresh",
         dest="sweep_thresh",
         type=_floats,
         default=[],
-        help="--compare: EasyCache at each τ of this comma list (one baseline per prompt serves all)",
+        help="--compare: EasyCache at each τ of this comma list (= --sweep easycache.thresh=...)",
     )
     g.add_argument(
         "--sweep-interval",
@@ -129,7 +198,7 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
         dest="sweep_interval",
         type=_ints,
         default=[],
-        help="--compare: static caching at each interval of this comma list (same warm-up R)",
+        help="--compare: static caching at each interval of this comma list (= --sweep static.interval=...)",
     )
     g.add_argument(
         "--no-lpips", "--no_lpips", dest="lpips", action="store_false", help="skip LPIPS in --compare"
@@ -145,24 +214,39 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def compare_configs(args: argparse.Namespace) -> list[tuple[str, EasyCacheConfig | StaticCacheConfig]]:
-    """(label, config) of every cache `--compare` runs against the baseline: the chosen one, or the sweeps."""
-    if not (args.sweep_thresh or args.sweep_interval):
+def compare_configs(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(label, config) of every cache `--compare` runs against the baseline: the chosen one, or the sweeps.
+
+    A label starts with the method's name (the Pareto plot groups by it), then the swept field and value."""
+    sweeps = getattr(args, "sweep", [])
+    if not (args.sweep_thresh or args.sweep_interval or sweeps):
         if args.cache in ("none", "analyze"):
             raise ValueError(
                 f"--compare needs a cache to compare with the baseline, not --cache {args.cache}"
             )
         return [(args.cache, cache_config(args))]
-    base = cache_config(argparse.Namespace(**{**vars(args), "cache": "easycache"}))
+    base = method_config(args, "easycache")
     configs = [(f"easycache τ={t}", dataclasses.replace(base, thresh=t)) for t in args.sweep_thresh]
     static = StaticCacheConfig(warmup=args.warmup, compute_last=args.compute_last)
     configs += [(f"static n={n}", dataclasses.replace(static, interval=n)) for n in args.sweep_interval]
+    for text in sweeps:
+        method, name, values = parse_assignment(text)
+        shown = [v.strip() for v in text.partition("=")[2].split(",") if v.strip()]  # as the user wrote them
+        base = method_config(args, method)
+        configs += [
+            (f"{method} {name}={w}", dataclasses.replace(base, **{name: v})) for w, v in zip(shown, values)
+        ]
+    labels = [label for label, _ in configs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(
+            f"--sweep runs a configuration twice: {sorted({x for x in labels if labels.count(x) > 1})}"
+        )
     return configs
 
 
 def check_cache_args(args: argparse.Namespace, num_steps: int) -> None:
     """Build every cache the run will use once, so bad values fail before any model is loaded."""
-    make_cache(cache_config(args), num_steps)
+    make_cache(cache_config(args), num_steps)  # PAB's timesteps come with the schedule, later
     if getattr(args, "num_seeds", 1) < 1:
         raise ValueError(f"--num-seeds must be >= 1, got {args.num_seeds}")
     if getattr(args, "compare", False):

@@ -12,6 +12,7 @@ Conventions (spec/method.md):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -130,4 +131,6 @@ def json_safe(value):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a cache config in the args
+        return json_safe(dataclasses.asdict(value))
     return value

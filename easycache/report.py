@@ -80,16 +80,24 @@ def describe_cache(stats: dict | None) -> str:
     if stats is None:
         return "no cache"
     cfg = stats.get("config", {})
-    if stats["method"] == "easycache" and cfg["thresh"] == 0 and cfg["warmup"] == 0:
+    method = stats["method"]
+    if method == "easycache" and cfg["thresh"] == 0 and cfg["warmup"] == 0:
         knobs = "τ=0 R=0 (--cache analyze: the uncached run with k_t recorded)"
-    elif stats["method"] == "easycache":
+    elif method == "easycache":
         knobs = f"τ={cfg['thresh']} R={cfg['warmup']}"
+    elif method == "teacache":
+        knobs = f"τ={cfg['rel_l1_thresh']} ret_steps={cfg['ret_steps']} probe={cfg['probe']}"
+    elif method == "magcache":
+        knobs = f"δ={cfg['magcache_thresh']} K={cfg['magcache_K']} retention={cfg['retention_ratio']}"
+    elif method == "pab":
+        on = [k for k in ("spatial", "temporal", "cross") if cfg[f"{k}_broadcast"]]
+        knobs = " ".join(f"{k}={cfg[f'{k}_range']}@{tuple(cfg[f'{k}_threshold'])}" for k in on) or "off"
     else:
         knobs = f"n={cfg.get('interval')} R={cfg.get('warmup')}"
-    return (
-        f"{stats['method']} {knobs}: computed {stats['num_computed']}/{stats['num_steps']} steps "
-        f"(NFE ratio {stats['nfe_ratio']:.2f}x)"
-    )
+    nfe = f"{stats['nfe_ratio']:.2f}x" if stats.get("nfe_ratio") else "n/a"
+    work = f", work ratio {stats['work_ratio']:.2f}x" if method == "pab" and stats.get("work_ratio") else ""
+    done = f"computed {stats['num_computed']}/{stats['num_steps']} steps"
+    return f"{method} {knobs}: {done} (NFE ratio {nfe}{work})"
 
 
 class RunOutputs:

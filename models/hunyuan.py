@@ -379,11 +379,27 @@ class MMDoubleStreamBlock(nn.Module):
         vec: Tensor,
         rope: tuple[Tensor, Tensor],
         k_lens: Tensor,
+        pab=None,
         sp: SequenceParallel | None = None,
     ):
+        """`pab`: optional attention broadcast (easycache.pab): `pab(kind, attn, *args)` runs or reuses it.
+        `sp`: sequence parallelism (this rank's image tokens; the text on every rank)."""
         # (shift1, scale1, gate1, shift2, scale2, gate2), each [B, D]
         im = self.img_mod(vec).chunk(6, dim=-1)
         tm = self.txt_mod(vec).chunk(6, dim=-1)
+        args = (img, txt, im, tm, rope, k_lens, sp)
+        attn = self._attention(*args) if pab is None else pab("spatial", self._attention, *args)  # [B, S, D]
+        img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)  # [B, N, D], [B, L, D]
+        img = img + self.img_attn_proj(img_attn) * im[2][:, None]  # [B, N, D]
+        img = img + self.img_mlp(modulated_norm(img, im[3], im[4])) * im[5][:, None]
+        txt = txt + self.txt_attn_proj(txt_attn) * tm[2][:, None]  # [B, L, D]
+        txt = txt + self.txt_mlp(modulated_norm(txt, tm[3], tm[4])) * tm[5][:, None]
+        return img, txt
+
+    def _attention(
+        self, img: Tensor, txt: Tensor, im: tuple, tm: tuple, rope: tuple, k_lens: Tensor, sp=None
+    ) -> Tensor:
+        """Joint attention of both streams (projections, norms, RoPE, attention) -> [B, S, D]."""
         heads = self.heads_num
         img_q, img_k, img_v = stream_qkv(
             img, im[0], im[1], self.img_attn_qkv, self.img_attn_q_norm, self.img_attn_k_norm, heads
@@ -392,18 +408,10 @@ class MMDoubleStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = stream_qkv(
             txt, tm[0], tm[1], self.txt_attn_qkv, self.txt_attn_q_norm, self.txt_attn_k_norm, heads
         )  # 3 x [B, L, A, d]
-        if sp is None:
-            q, k, v = (torch.cat(pair, dim=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
-            attn = attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
-            img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)  # [B, N, D], [B, L, D]
-        else:  # this rank's image tokens; the text on every rank, joined "rear" as the official xDiT path
-            joint = sp.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v)  # [B, N, A, d], [B, L, A, d]
-            img_attn, txt_attn = (a.flatten(2) for a in joint)  # [B, N, D], [B, L, D]
-        img = img + self.img_attn_proj(img_attn) * im[2][:, None]  # [B, N, D]
-        img = img + self.img_mlp(modulated_norm(img, im[3], im[4])) * im[5][:, None]
-        txt = txt + self.txt_attn_proj(txt_attn) * tm[2][:, None]  # [B, L, D]
-        txt = txt + self.txt_mlp(modulated_norm(txt, tm[3], tm[4])) * tm[5][:, None]
-        return img, txt
+        if sp is not None:  # this rank's image tokens; the text on every rank, joined "rear" as xDiT's
+            return torch.cat(sp.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v), 1).flatten(2)
+        q, k, v = (torch.cat(pair, dim=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
+        return attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
 
 
 class MMSingleStreamBlock(nn.Module):
@@ -426,21 +434,29 @@ class MMSingleStreamBlock(nn.Module):
         n_img: int,
         rope: tuple[Tensor, Tensor],
         k_lens: Tensor,
+        pab=None,
         sp: SequenceParallel | None = None,
     ):
+        """`pab`: optional attention broadcast of the attention after the fused linear1 (which the MLP needs
+        anyway, so a broadcast saves norms, RoPE and the attention itself)."""
         shift, scale, gate = self.modulation(vec).chunk(3, dim=-1)  # 3 x [B, D]
         fused = self.linear1(modulated_norm(x, shift, scale))  # [B, S, 3D + M]
         qkv, mlp = fused.split([fused.shape[-1] - self.mlp_hidden_dim, self.mlp_hidden_dim], dim=-1)
+        args = (qkv, n_img, rope, k_lens, sp)
+        attn = self._attention(*args) if pab is None else pab("spatial", self._attention, *args)  # [B, S, D]
+        return x + self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1)) * gate[:, None]  # [B, S, D]
+
+    def _attention(
+        self, qkv: Tensor, n_img: int, rope: tuple[Tensor, Tensor], k_lens: Tensor, sp=None
+    ) -> Tensor:
         q, k, v = rearrange(qkv, "B S (K A d) -> K B S A d", K=3, A=self.heads_num)  # 3 x [B, S, A, d]
         q, k = self.q_norm(q), self.k_norm(k)
         q = torch.cat([apply_rope(q[:, :n_img], *rope), q[:, n_img:]], dim=1)  # RoPE on image tokens only
         k = torch.cat([apply_rope(k[:, :n_img], *rope), k[:, n_img:]], dim=1)
-        if sp is None:
-            attn = attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
-        else:  # this rank's image tokens, then the text (the same on every rank)
+        if sp is not None:  # this rank's image tokens, then the text (the same on every rank)
             img_qkv, txt_qkv = (t[:, :n_img] for t in (q, k, v)), (t[:, n_img:] for t in (q, k, v))
-            attn = torch.cat(sp.joint_attention(*img_qkv, *txt_qkv), dim=1).flatten(2)  # [B, S, D]
-        return x + self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1)) * gate[:, None]  # [B, S, D]
+            return torch.cat(sp.joint_attention(*img_qkv, *txt_qkv), dim=1).flatten(2)  # [B, S, D]
+        return attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
 
 
 class FinalLayer(nn.Module):
@@ -491,12 +507,14 @@ class HunyuanVideoModel(nn.Module):
         text_mask: Tensor,
         text_states_2: Tensor,
         guidance: Tensor | None = None,
+        cache=None,
         *,
         sp: SequenceParallel | None = None,
     ) -> Tensor:
         """x [B, C, T, H, W] latents, t [B] float timesteps (σ·1000), text_states [B, L, Dt] LLM features,
         text_mask [B, L] (valid tokens first), text_states_2 [B, Dp] CLIP pooled, guidance [B] (see
         guidance_input) for the distilled model -> velocity [B, C_out, T, H, W] in the weight dtype.
+        `cache`: optional hook of one call (easycache.hooks: TeaCache, MagCache, PAB); None: the plain DiT.
         sp: sequence parallelism (models.parallel): every rank passes the same full inputs, embeds 1/P of
         the latent's rows (or columns), attends with the text joined on every rank, and gets the same full
         output."""
@@ -517,17 +535,31 @@ class HunyuanVideoModel(nn.Module):
         n_img = img.shape[1]
         # Joint attention keys per sample: all image tokens, then the valid text; padded text is never a key.
         k_lens = n_img + text_lens  # [B]
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope, k_lens, sp)  # [B, N, D], [B, L, D]
-        x_joint = torch.cat([img, txt], dim=1)  # [B, S, D]
-        for block in self.single_blocks:
-            x_joint = block(x_joint, vec, n_img, rope, k_lens, sp)  # [B, S, D]
-        out = self.final_layer(x_joint[:, :n_img], vec)  # [B, N, pt·ph·pw·C]
+        # Cache seam: TeaCache/MagCache may skip both block stacks (image tokens + their cached residual, as
+        # the official TeaCache); PAB gets a broadcaster per block (single block i is layer depth_double + i).
+        if cache is not None and not cache.compute_blocks(img, {"modulated": self._probe(img, vec)}):
+            img = cache.reuse_blocks(img)  # [B, N, D]
+        else:
+            img_in, pab = img, cache.attention if cache is not None else lambda i: None
+            for i, block in enumerate(self.double_blocks):
+                img, txt = block(img, txt, vec, rope, k_lens, pab(i), sp)  # [B, N, D], [B, L, D]
+            x_joint = torch.cat([img, txt], dim=1)  # [B, S, D]
+            for i, block in enumerate(self.single_blocks, start=len(self.double_blocks)):
+                x_joint = block(x_joint, vec, n_img, rope, k_lens, pab(i), sp)  # [B, S, D]
+            img = x_joint[:, :n_img]  # [B, N, D]
+            if cache is not None:
+                cache.store_blocks(img_in, img)
+        out = self.final_layer(img, vec)  # [B, N, pt·ph·pw·C]
         pt, ph, pw = cfg.patch_size
         # The final linear's outputs are ordered (C, pt, ph, pw), as the official unpatchify reads them.
         unpatchify = "B (t h w) (C pt ph pw) -> B C (t pt) (h ph) (w pw)"
         out = rearrange(out, unpatchify, t=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)  # [B, C, T, H, W]
         return out if sp is None else sp.gather(out, dim=split_dim)  # [B, C, T, H, W], same on every rank
+
+    def _probe(self, img: Tensor, vec: Tensor) -> Tensor:
+        """Block 0's modulated, normalised image tokens [B, N, D]: TeaCache's probe (official Hunyuan)."""
+        shift, scale = self.double_blocks[0].img_mod(vec).chunk(6, dim=-1)[:2]  # [B, D] each
+        return modulated_norm(img, shift, scale)  # [B, N, D]
 
     def _check_inputs(self, x, t, text_states, text_mask, text_states_2, guidance) -> Tensor:
         """Shapes first (no sync), then one host sync for the mask; returns the valid text length [B]."""
@@ -591,6 +623,24 @@ def shard_latent(
 #################################################################################
 #                         Loading and key conversion                            #
 #################################################################################
+
+
+def flops_per_call(config: HunyuanVideoConfig, grid: tuple[int, int, int], text_len: int, batch: int = 1):
+    """Analytic FLOPs (2 per multiply-add) of one forward on a patch grid (t, h, w) with `text_len` text
+    tokens (the token refiner and the embedders not counted): the call, the block stacks, and per layer the
+    part PAB broadcasts ("spatial": double blocks: projections + joint attention; single: attention)."""
+    N, L, D, M = math.prod(grid), text_len, config.hidden_size, config.mlp_hidden_dim  # noqa: N806
+    S = N + L  # noqa: N806
+    attn_double = 6 * S * D * D + 4 * S * S * D  # q, k, v of both streams and the joint attention
+    double = attn_double + 2 * S * D * D + 4 * S * D * M  # + output projections and the two MLPs
+    attn_single = 4 * S * S * D
+    single = attn_single + 2 * S * D * (3 * D + M) + 2 * S * (D + M) * D  # + linear1, linear2
+    nd, ns = config.mm_double_blocks_depth, config.mm_single_blocks_depth
+    blocks = nd * double + ns * single
+    patch = math.prod(config.patch_size)
+    embed_head = 2 * N * D * config.in_channels * patch + 2 * N * D * patch * config.out_channels
+    cost = {"call": blocks + embed_head, "blocks": blocks, "spatial": [attn_double] * nd + [attn_single] * ns}
+    return {k: [batch * x for x in v] if isinstance(v, list) else float(batch * v) for k, v in cost.items()}
 
 
 def load_hunyuan(

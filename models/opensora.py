@@ -15,6 +15,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -278,23 +279,39 @@ class STDiT3Block(nn.Module):
         grid_t: int,
         grid_s: int,
         rope: RotaryEmbedding,
+        pab=None,
     ) -> Tensor:
-        """x [B, N, D], y [B, L, D], t_mlp [B, 6D], y_lens [B] -> [B, N, D]; only temporal blocks use rope."""
+        """x [B, N, D], y [B, L, D], t_mlp [B, 6D], y_lens [B] -> [B, N, D]; only temporal blocks use rope.
+        `pab`: optional attention broadcast (easycache.pab): `pab(kind, attn, *args)` runs or reuses it."""
         b, _, d = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t_mlp.reshape(b, 6, -1)
         ).chunk(6, dim=1)  # 6 x [B, 1, D]
         x_m = t2i_modulate(F.layer_norm(x, (d,), eps=LN_EPS), shift_msa, scale_msa)  # [B, N, D]
-        if self.temporal:
-            x_m = rearrange(x_m, "B (T S) D -> (B S) T D", T=grid_t, S=grid_s)  # [B*S, T, D]
-            x_m = rearrange(self.attn(x_m, rope), "(B S) T D -> B (T S) D", B=b, S=grid_s)  # [B, N, D]
-        else:
-            x_m = rearrange(x_m, "B (T S) D -> (B T) S D", T=grid_t, S=grid_s)  # [B*T, S, D]
-            x_m = rearrange(self.attn(x_m), "(B T) S D -> B (T S) D", B=b, T=grid_t)  # [B, N, D]
-        x = x + gate_msa * x_m
-        x = x + self.cross_attn(x, y, y_lens)  # upstream: no norm and no gate before the cross-attention
+        kind = "temporal" if self.temporal else "spatial"
+        attn = self._attention if pab is None else partial(pab, kind, self._attention)
+        x = x + gate_msa * attn(x_m, grid_t, grid_s, rope)  # [B, N, D]
+        # upstream: no norm and no gate before the cross-attention
+        x = x + (
+            self.cross_attn(x, y, y_lens) if pab is None else pab("cross", self.cross_attn, x, y, y_lens)
+        )
         x_m = t2i_modulate(F.layer_norm(x, (d,), eps=LN_EPS), shift_mlp, scale_mlp)  # [B, N, D]
         return x + gate_mlp * self.mlp(x_m)  # [B, N, D]
+
+    def modulated_input(self, x: Tensor, t_mlp: Tensor) -> Tensor:
+        """x after the block's first adaLN (the input of its self-attention): TeaCache's probe [B, N, D]."""
+        b, _, d = x.shape
+        shift, scale = (self.scale_shift_table[None] + t_mlp.reshape(b, 6, -1))[:, :2].chunk(2, dim=1)
+        return t2i_modulate(F.layer_norm(x, (d,), eps=LN_EPS), shift, scale)  # [B, N, D]
+
+    def _attention(self, x_m: Tensor, grid_t: int, grid_s: int, rope: RotaryEmbedding) -> Tensor:
+        """Self-attention within a frame (spatial) or across frames at one position (temporal)."""
+        b = x_m.shape[0]
+        if self.temporal:
+            x_m = rearrange(x_m, "B (T S) D -> (B S) T D", T=grid_t, S=grid_s)  # [B*S, T, D]
+            return rearrange(self.attn(x_m, rope), "(B S) T D -> B (T S) D", B=b, S=grid_s)  # [B, N, D]
+        x_m = rearrange(x_m, "B (T S) D -> (B T) S D", T=grid_t, S=grid_s)  # [B*T, S, D]
+        return rearrange(self.attn(x_m), "(B T) S D -> B (T S) D", B=b, T=grid_t)  # [B, N, D]
 
 
 class T2IFinalLayer(nn.Module):
@@ -346,6 +363,7 @@ class STDiT3(nn.Module):
         fps: Tensor,
         height: Tensor,
         width: Tensor,
+        cache=None,
     ) -> Tensor:
         """Prediction [B, 2C, T, H, W] fp32 for latents x [B, C, T, H, W]; the first C channels are the
         velocity x0 - noise (rectified flow), the rest the unused sigma.
@@ -356,6 +374,7 @@ class STDiT3(nn.Module):
             mask: [B or B/2, L] right-padded mask of valid tokens, or None (all valid). With CFG the
                 conditional mask is passed once and repeated: the null caption is cut to the prompt's length.
             fps, height, width: [B or B/2]; height/width are pixel sizes, only their first entry is used.
+            cache: optional hook of one call (easycache.hooks: TeaCache, MagCache, PAB); None = the plain DiT.
         """
         dtype = self.x_embedder.proj.weight.dtype
         b, _, t_in, h_in, w_in = x.shape
@@ -371,9 +390,19 @@ class STDiT3(nn.Module):
         y = self.y_embedder(y).squeeze(1)  # [B, L, D]
         x = self.x_embedder(x) + self.pos_embed(grid_h, grid_w, height, width, x.device)  # [B, T, S, D]
         x = rearrange(x, "B T S D -> B (T S) D")  # [B, N, D]
-        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            x = spatial(x, y, t_mlp, y_lens, grid_t, grid_h * grid_w, self.rope)  # [B, N, D]
-            x = temporal(x, y, t_mlp, y_lens, grid_t, grid_h * grid_w, self.rope)  # [B, N, D]
+        # Cache seam: TeaCache/MagCache may skip the whole block stack (x + its cached residual); PAB gets a
+        # broadcaster per block (spatial block i is layer 2i, temporal block i layer 2i+1).
+        probes = {"modulated": self.spatial_blocks[0].modulated_input(x, t_mlp)} if cache is not None else {}
+        if cache is not None and not cache.compute_blocks(x, probes):
+            x = cache.reuse_blocks(x)  # [B, N, D]
+        else:
+            x_in = x
+            for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
+                pab_s, pab_t = (cache.attention(2 * i), cache.attention(2 * i + 1)) if cache else (None, None)
+                x = spatial(x, y, t_mlp, y_lens, grid_t, grid_h * grid_w, self.rope, pab_s)  # [B, N, D]
+                x = temporal(x, y, t_mlp, y_lens, grid_t, grid_h * grid_w, self.rope, pab_t)  # [B, N, D]
+            if cache is not None:
+                cache.store_blocks(x_in, x)
         x = self.final_layer(x, t)  # [B, N, pt*ph*pw*C]
         x = rearrange(
             x, "B (T H W) (pt ph pw C) -> B C (T pt) (H ph) (W pw)", T=grid_t, H=grid_h, pt=pt, ph=ph, pw=pw
@@ -408,6 +437,25 @@ class STDiT3(nn.Module):
         if mask is None:
             return None
         return text_lengths(mask, b, y.shape[2])
+
+
+def flops_per_call(config: STDiT3Config, grid: tuple[int, int, int], batch: int = 1) -> dict:
+    """Analytic FLOPs (2 per multiply-add) of one forward on a patch grid (t, h, w) with the full caption
+    length: the whole call, the block stack, and per block its spatial/temporal self- and cross-attention;
+    for caches' work ratios. Layers alternate spatial (2i) and temporal (2i+1) as in the cache seam."""
+    T, S, D = grid[0], grid[1] * grid[2], config.hidden_size  # noqa: N806 (the shape letters)
+    N, L = T * S, config.model_max_length  # noqa: N806
+    spatial = 8 * N * D * D + 4 * T * S * S * D  # q, k, v, proj; attention within each frame
+    temporal = 8 * N * D * D + 4 * S * T * T * D  # attention across frames at each position
+    cross = 4 * N * D * D + 4 * L * D * D + 4 * N * L * D
+    mlp = 4 * N * D * int(D * config.mlp_ratio)
+    blocks = config.depth * (spatial + temporal + 2 * (cross + mlp))
+    patch = math.prod(config.patch_size)
+    embed = 2 * N * D * config.in_channels * patch + 2 * L * (config.caption_channels * D + D * D)
+    head = 2 * N * D * patch * config.out_channels
+    cost = {"call": embed + blocks + head, "blocks": blocks, "spatial": spatial, "temporal": temporal,
+            "cross": cross}  # fmt: skip
+    return {k: float(batch * v) for k, v in cost.items()}
 
 
 def text_lengths(mask: Tensor, batch: int, length: int) -> Tensor:

@@ -330,14 +330,23 @@ class WanAttentionBlock(nn.Module):
         freqs: Tensor,
         context: Tensor,
         context_img: Tensor | None,
+        pab=None,
         sp: SequenceParallel | None = None,
     ) -> Tensor:
+        """`pab`: optional attention broadcast (easycache.pab): `pab(kind, attn, *args)` runs or reuses it."""
         mod = self.modulation.float() + e0  # [B, 6, D] fp32
         # Order: shift, scale, gate of the self-attention, then shift, scale, gate of the FFN.
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)  # [B, 1, D] each
-        y = self.self_attn(self.norm1(x).float() * (1 + scale1) + shift1, freqs, sp)  # [B, L, D]
+        h = self.norm1(x).float() * (1 + scale1) + shift1  # [B, L, D]
+        y = self.self_attn(h, freqs, sp) if pab is None else pab("spatial", self.self_attn, h, freqs, sp)
         x = x + y * gate1  # [B, L, D] fp32 from here on (upstream: fp32 gate, fp32 residual)
-        x = x + self.cross_attn(self.norm3(x), context, context_img)  # [B, L, D] no gate, no modulation
+        h = self.norm3(x)  # [B, L, D]
+        y = (
+            self.cross_attn(h, context, context_img)
+            if pab is None
+            else pab("cross", self.cross_attn, h, context, context_img)
+        )
+        x = x + y  # [B, L, D] no gate, no modulation
         h = (self.norm2(x).float() * (1 + scale2) + shift2).to(self.ffn[0].weight.dtype)  # [B, L, D]
         return x + self.ffn(h) * gate2  # [B, L, D]
 
@@ -408,11 +417,13 @@ class WanModel(nn.Module):
         context: Tensor,
         clip_fea: Tensor | None = None,
         y: Tensor | None = None,
+        cache=None,
         *,
         sp: SequenceParallel | None = None,
     ) -> Tensor:
         """x [B, C, F, H, W] noisy latents, t [B] timesteps in [0, 1000), context [B, L<=text_len, text_dim]
         (rows past each prompt's length zero), i2v: clip_fea [B, I, 1280], y [B, C_y, F, H, W].
+        `cache`: optional hook of one call (easycache.hooks: TeaCache, MagCache, PAB); None = the plain DiT.
         sp: sequence parallelism (models.parallel): every rank passes the same full inputs, runs the blocks
         on 1/P of the tokens and gets the same full output. Returns the flow prediction [B, out_dim, F, H,
         W] in fp32."""
@@ -437,8 +448,17 @@ class WanModel(nn.Module):
         context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # [B, T, D]
         context_img = self.img_emb(clip_fea) if clip_fea is not None else None  # [B, I, D]
 
-        for block in self.blocks:
-            x = block(x, e0, freqs, context, context_img, sp)  # [B, L, D] fp32
+        # Cache seam: TeaCache/MagCache may skip the whole block stack (x + its cached residual); PAB gets a
+        # broadcaster per block. Probes are what a decision may measure (official TeaCache: e, or e0).
+        if cache is not None and not cache.compute_blocks(x, {"e": e, "e0": e0}):
+            x = cache.reuse_blocks(x)  # [B, L, D]
+        else:
+            x_in = x
+            for i, block in enumerate(self.blocks):
+                pab = cache.attention(i) if cache is not None else None
+                x = block(x, e0, freqs, context, context_img, pab, sp)  # [B, L, D] fp32
+            if cache is not None:
+                cache.store_blocks(x_in, x)
         x = self.head(x, e)  # [B, L, P] fp32
         if sp is not None:  # the head is per token: gather its (smaller) output, as upstream
             x = sp.gather(x, dim=1)[:, : f * h * w]  # [B, L, P], the padding dropped
@@ -495,6 +515,22 @@ def shard_tokens(x: Tensor, freqs: Tensor, sp: SequenceParallel) -> tuple[Tensor
     x = F.pad(x, (0, 0, 0, length - x.shape[1]))  # [B, L', D]
     identity = torch.ones(length - freqs.shape[0], *freqs.shape[1:], dtype=freqs.dtype, device=freqs.device)
     return sp.split(x, dim=1), sp.split(torch.cat([freqs, identity]), dim=0)  # [B, L'/P, D], [L'/P, 1, Dh/2]
+
+
+def flops_per_call(config: WanConfig, grid: tuple[int, int, int], batch: int = 1) -> dict[str, float]:
+    """Analytic FLOPs (2 per multiply-add) of one forward on a latent patch grid (f, h, w): the whole call,
+    the block stack, and per block its self- ("spatial") and cross-attention; for caches' work ratios."""
+    L, D, T = math.prod(grid), config.dim, config.text_len  # noqa: N806 (the shape letters)
+    spatial = 8 * L * D * D + 4 * L * L * D  # q, k, v, o and the two attention matmuls
+    cross = 4 * L * D * D + 4 * T * D * D + 4 * L * T * D  # q, o on video; k, v on text; attention
+    if config.model_type == "i2v":  # the CLIP image tokens' own k, v and attention
+        cross += 4 * 257 * D * D + 4 * L * 257 * D
+    blocks = config.num_layers * (spatial + cross + 4 * L * D * config.ffn_dim)
+    patch = math.prod(config.patch_size)
+    embed = 2 * L * D * config.in_dim * patch + 2 * T * (config.text_dim * D + D * D)
+    head = 2 * L * D * patch * config.out_dim
+    cost = {"call": embed + blocks + head, "blocks": blocks, "spatial": spatial, "cross": cross}
+    return {k: float(batch * v) for k, v in cost.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -624,3 +660,27 @@ def convert_diffusers_to_official(state_dict: dict[str, Tensor]) -> dict[str, Te
     if unknown:
         raise ValueError(f"keys with no official Wan2.1 name (not a WanTransformer3DModel?): {unknown[:10]}")
     return out
+
+
+def convert_official_to_diffusers(state_dict: dict[str, Tensor], config: WanConfig) -> dict[str, Tensor]:
+    """The inverse of `convert_diffusers_to_official`: official keys -> `WanTransformer3DModel` keys.
+
+    The table is derived from the diffusers model of the same config (its keys, renamed one way), so the two
+    directions cannot drift apart; every key must be matched, no tensor is reshaped.
+    """
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        reference = WanTransformer3DModel(**config.diffusers_kwargs())
+    to_diffusers = {}
+    for key in reference.state_dict():
+        (official,) = convert_diffusers_to_official({key: None})
+        to_diffusers[official] = key
+    unknown = sorted(set(state_dict) - set(to_diffusers))
+    missing = sorted(set(to_diffusers) - set(state_dict))
+    if unknown or missing:
+        raise ValueError(
+            f"not a Wan2.1 {config.model_type} DiT of this config: unknown keys {unknown[:10]}, "
+            f"missing keys {missing[:10]}"
+        )
+    return {to_diffusers[k]: v for k, v in state_dict.items()}

@@ -366,3 +366,26 @@ def test_fresh_instances_give_identical_runs():
         runs.append((pattern, torch.stack(outs)))
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
     assert not math.isnan(runs[0][1].sum().item())
+
+
+def test_first_step_keeps_global_step_numbers():
+    """A cache joining at step s (Wan2.2's second expert): steps start at s, warm-up and the forced last
+    step keep their global meaning, the first decisions after warm-up compute (no Δ, no k yet)."""
+    x = torch.ones(1, 2, 3)
+
+    def reasons(warmup: int) -> list[str]:
+        late = EasyCache(EasyCacheConfig(thresh=10.0, warmup=warmup), 10, first_step=2)
+        for step in range(2, 10):
+            if late.should_compute(step, x * (1 + step)):
+                late.update(x * (1 + step), x * (2 - step))
+            else:
+                late.reuse(x * (1 + step))
+        return [r["reason"] for r in late.trace]
+
+    assert reasons(4) == ["warmup", "warmup"] + ["reuse"] * 5 + ["last_step"]  # global steps 2, 3 < R
+    assert reasons(2) == ["no_k", "no_k"] + ["reuse"] * 5 + ["last_step"]  # needs its own two computes
+    with pytest.raises(RuntimeError, match="expected step 2"):
+        EasyCache(EasyCacheConfig(), 20, first_step=2).should_compute(0, x)
+    for bad in (-1, 20, True):
+        with pytest.raises(ValueError, match="first_step"):
+            EasyCache(EasyCacheConfig(), 20, first_step=bad)

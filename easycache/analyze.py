@@ -1,0 +1,71 @@
+"""`--cache analyze`: the uncached run (every step computed, bit-identical to --cache none) that records k_t
+and the statistics `python -m easycache.calibrate` fits TeaCache's polynomial and MagCache's ratios to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .cache import EasyCache, EasyCacheConfig
+from .hooks import rel_l1
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig(EasyCacheConfig):
+    """`--cache analyze`: EasyCache at τ = 0, R = 0 (every step computed), also recording calibration data."""
+
+    thresh: float = 0.0
+    warmup: int = 0
+
+
+class _RecordingHook:
+    """The `cache=` hook of one analysis call: always computes, records the probes and the residual."""
+
+    def __init__(self, owner: Analyze, branch: str):
+        self.owner, self.branch = owner, branch
+
+    def compute_blocks(self, x: Tensor, probes: dict[str, Tensor]) -> bool:
+        prev = self.owner._prev_probes.get(self.branch, {})
+        self.owner._calib(self.branch)["probe_rel_l1"] = {
+            k: rel_l1(p, prev[k]) for k, p in probes.items() if k in prev
+        }
+        self.owner._prev_probes[self.branch] = {k: p.detach().clone() for k, p in probes.items()}
+        return True
+
+    def reuse_blocks(self, x: Tensor) -> Tensor:
+        raise RuntimeError("the analysis mode never skips the block stack")
+
+    def store_blocks(self, x_in: Tensor, x_out: Tensor) -> None:
+        r = (x_out - x_in).float()  # [B, L, D]
+        prev = self.owner._prev_residual.get(self.branch)
+        if prev is not None and prev.shape == r.shape:
+            # official: (residual.norm(dim=-1) / previous.norm(dim=-1)).mean()
+            self.owner._calib(self.branch)["mag_ratio"] = (r.norm(dim=-1) / prev.norm(dim=-1)).mean().item()
+        self.owner._prev_residual[self.branch] = r
+
+    def attention(self, layer: int) -> None:
+        return None
+
+
+class Analyze(EasyCache):
+    """The analysis mode: the uncached run with k_t and the TeaCache/MagCache calibration statistics."""
+
+    def __init__(self, config: AnalyzeConfig, num_steps: int, **kwargs):
+        super().__init__(config, num_steps, **kwargs)
+        self._prev_probes: dict[str, dict[str, Tensor]] = {}
+        self._prev_residual: dict[str, Tensor] = {}
+        self._prev_out: dict[str, Tensor] = {}
+
+    def hook(self, branch: str) -> _RecordingHook:
+        return _RecordingHook(self, branch)
+
+    def _calib(self, branch: str) -> dict:
+        return self._records[-1].setdefault("calib", {}).setdefault(branch, {})
+
+    def update(self, x: Tensor, v, dit_seconds: float | None = None) -> None:
+        super().update(x, v, dit_seconds)
+        for name, out in v.items() if isinstance(v, dict) else [("v", v)]:
+            if name in self._prev_out:
+                self._calib(name)["out_rel_l1"] = rel_l1(out, self._prev_out[name])
+            self._prev_out[name] = out.detach().clone()

@@ -1,0 +1,114 @@
+"""MagCache: skip the block stack while the accumulated magnitude-ratio error of its residual stays small.
+
+Paper: Ma et al., "MagCache: Fast Video Generation with Magnitude-Aware Cache", NeurIPS 2025. Official code:
+github.com/Zehong-Ma/MagCache (MagCache4Wan2.1/magcache_generate.py `magcache_forward`, lines 277-300).
+Restated per branch b at sampling step t, with γ_t the calibrated ratio ‖r_t‖ / ‖r_{t−1}‖ of consecutive
+block-stack residuals (mean over tokens of the per-token L2 norms, recorded once from one prompt):
+
+    if t ≥ int(N · retention_ratio):
+        R ← R · γ_t;  n ← n + 1;  E ← E + |1 − R|
+        skip if E < magcache_thresh and n ≤ magcache_K     (reuse the last residual)
+        else R, n, E ← 1, 0, 0 and compute
+    otherwise compute.
+
+The ratios are fixed per model, so the schedule is the same for every prompt (MagCache#32). Tables of other
+lengths are resampled by nearest index (official `nearest_interp`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from torch import Tensor
+
+from .hooks import HookCache, nearest_interp
+from .published import MAG_RATIOS
+
+
+@dataclass(frozen=True)
+class MagCacheConfig:
+    """MagCache knobs (official names); defaults: the official Wan2.1 script (thresh 0.12, K 2, 0.2)."""
+
+    magcache_thresh: float = 0.12
+    """δ: skip while the accumulated error stays below it (Wan 0.12; HunyuanVideo 0.24; OpenSora 0.12)."""
+
+    magcache_K: int = 2  # noqa: N815 (the official name)
+    """K: at most this many consecutive skips (Wan 2, HunyuanVideo 6, OpenSora 3)."""
+
+    retention_ratio: float = 0.2
+    """The first int(N · retention_ratio) steps are always computed."""
+
+    mag_ratios: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(MAG_RATIOS["wan-t2v-1.3B"]))
+    """{branch: γ per sampling step, γ_0 = 1 padding}; see easycache.published and easycache.calibrate."""
+
+    branches: str = "separate"
+    """"separate": each CFG branch its own accumulators and ratios (official Wan); or the name of the branch
+    that decides for all (its ratios are the ones used)."""
+
+    def __post_init__(self):
+        t = self.magcache_thresh
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0 and math.isfinite(t)):
+            raise ValueError(f"MagCacheConfig.magcache_thresh must be a finite number >= 0, got {t!r}")
+        k = self.magcache_K
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"MagCacheConfig.magcache_K must be an int >= 0, got {k!r}")
+        r = self.retention_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
+            raise ValueError(f"MagCacheConfig.retention_ratio must be in [0, 1], got {r!r}")
+        if not isinstance(self.mag_ratios, dict) or not self.mag_ratios:
+            raise ValueError("MagCacheConfig.mag_ratios must be a non-empty {branch: ratios} dict")
+        ratios = {str(b): tuple(float(v) for v in vs) for b, vs in self.mag_ratios.items()}
+        for b, vs in ratios.items():
+            if not vs or not all(math.isfinite(v) and v > 0 for v in vs):
+                raise ValueError(f"MagCacheConfig.mag_ratios[{b!r}] must be positive finite numbers")
+        object.__setattr__(self, "mag_ratios", ratios)
+
+
+class MagCache(HookCache):
+    """MagCache's decision, per CFG branch; one instance per generation."""
+
+    method = "magcache"
+
+    def __init__(self, config: MagCacheConfig, num_steps: int, *, cost=None, group=None, decision_group=None):
+        if not isinstance(config, MagCacheConfig):
+            raise TypeError(f"config must be a MagCacheConfig, got {type(config).__name__}")
+        kw = dict(branches=config.branches, cost=cost, group=group, decision_group=decision_group)
+        super().__init__(num_steps, **kw)
+        if config.branches != "separate" and config.branches not in config.mag_ratios:
+            raise ValueError(
+                f"MagCacheConfig.branches={config.branches!r} has no ratios ({sorted(config.mag_ratios)})"
+            )
+        self.config = config
+        self.retained = int(num_steps * config.retention_ratio)  # official int(num_steps * retention_ratio)
+        # Resample each table to this run's step count (official: nearest interpolation when lengths differ).
+        self.ratios = {
+            b: vs if len(vs) == num_steps else tuple(nearest_interp(vs, num_steps))
+            for b, vs in config.mag_ratios.items()
+        }
+        self.acc_ratio: dict[str, float] = {}
+        self.acc_err: dict[str, float] = {}
+        self.acc_steps: dict[str, int] = {}
+
+    def _decide_blocks(self, step: int, branch: str, x: Tensor, probes) -> tuple[bool, str]:
+        if branch not in self.ratios:
+            raise ValueError(
+                f"MagCache has no ratios for branch {branch!r} (have {sorted(self.ratios)}); calibrate them "
+                "with `--cache analyze` and `python -m easycache.calibrate`, or set branches to one that has"
+            )
+        if step < self.retained:
+            return True, "warmup"
+        cfg = self.config
+        self.acc_ratio[branch] = self.acc_ratio.get(branch, 1.0) * self.ratios[branch][step]
+        self.acc_steps[branch] = self.acc_steps.get(branch, 0) + 1
+        self.acc_err[branch] = self.acc_err.get(branch, 0.0) + abs(1.0 - self.acc_ratio[branch])
+        rec = self._records[-1]
+        rec.setdefault("acc_by_branch", {})[branch] = self.acc_err[branch]
+        if self.acc_err[branch] < cfg.magcache_thresh and self.acc_steps[branch] <= cfg.magcache_K:
+            return False, "reuse"
+        self.acc_ratio[branch], self.acc_steps[branch], self.acc_err[branch] = 1.0, 0, 0.0
+        return True, "threshold"
+
+    @property
+    def stats(self) -> dict:
+        return {**super().stats, "config": asdict(self.config)}
