@@ -31,6 +31,7 @@ from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.teacache import COEFFICIENTS, TeaCacheConfig
 from easycache.video import to_uint8_frames
+from models.fast import add_speed_args, check_speed_args, compile_blocks
 from models.hunyuan import (
     CKPT_FILE,
     HUNYUAN_CONFIGS,
@@ -44,6 +45,7 @@ from models.hunyuan_text import HUB_REPO as PARTS_REPO
 from models.hunyuan_text import HunyuanTextEncoders
 from models.hunyuan_vae import HunyuanVAE, latent_shape
 from models.loading import resolve_checkpoint
+from models.offload import Placement
 from models.parallel import Launch, check_layout, init_distributed, init_sequence_parallel, launch_world_size
 from models.solvers import FlowEuler, hunyuan_sigmas
 
@@ -105,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-precision", choices=DTYPES, help="VAE dtype (official fp16; CPU default fp32)")
     p.add_argument("--text-encoder-precision", choices=DTYPES, help="LLM, CLIP (official fp16; CPU fp32)")
     add_cache_args(p, thresh=0.025, warmup=5, defaults=BASELINES)  # the authors' HunyuanVideo setting
+    add_speed_args(p)  # --cfg-batch matters only with true CFG (--cfg-scale > 1)
     add_output_args(p)
     return p.parse_args(argv)
 
@@ -149,6 +152,8 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
     if args.model_base is not None and not os.path.isdir(args.model_base):
         raise FileNotFoundError(f"--model-base {args.model_base} is not a directory")
     prompts = check_run_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    cuda = torch.device(args.device).type == "cuda"
+    check_speed_args(args, args.device, DTYPES[args.precision or ("bf16" if cuda else "fp32")])
     if args.seed is None:
         args.seed = random.randint(0, 1_000_000)
     dit = read_dit_config(args.dit_config) if args.dit_config else task.dit
@@ -233,7 +238,11 @@ class HunyuanT2V:
             model_base, device=self.device, dtype=self.text_dtype, offload=offload
         )
         home = "cpu" if offload else self.device
-        self.dit = load_hunyuan(dit_weight, config=dit_config, device=home, dtype=self.dtype)
+        self.dit = load_hunyuan(
+            dit_weight, config=dit_config, device=home, dtype=self.dtype, attn_backend=args.attention
+        )
+        if args.compile:  # the blocks only: the cache decision below stays eager
+            compile_blocks(self.dit)
         vae_dtype = DTYPES[args.vae_precision or ("fp16" if cuda else "fp32")]
         self.vae = HunyuanVAE.from_pretrained(f"{model_base}/vae", device=self.device, dtype=vae_dtype)
         self.sp = None  # sequence parallelism: each rank embeds 1/N of the latent's rows, text on every rank
@@ -262,10 +271,13 @@ class HunyuanT2V:
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
         args, device, cfg, sp = self.args, self.device, self.dit.config, self.sp
-        sw = Stopwatch(device)
+        sw, place = Stopwatch(device), Placement()
         with sw.phase("end_to_end"):
             with sw.phase("text"):
                 text = self.encode(prompt)
+                batched = args.cfg_batch and len(text) == 2  # true CFG as one batch-2 call, as the official
+                if batched:  # the LLM pads every prompt to 256 tokens, so the branches stack: [2, ...] each
+                    text_pair = tuple(torch.cat(parts) for parts in zip(text["cond"], text["uncond"]))
             shape = (1, cfg.in_channels, *latent_shape(args.video_length, *args.video_size))  # B C T h w
             g = torch.Generator(device).manual_seed(seed)
             # As the official: noise drawn in the text dtype (fp16); the solver keeps the latents in fp32.
@@ -279,17 +291,26 @@ class HunyuanT2V:
             grid = tuple(s // p for s, p in zip(shape[2:], cfg.patch_size))  # the DiT's patch grid
             cost = flops_per_call(cfg, grid, text_len=text["cond"][0].shape[1])  # for the work ratio
             kw = dict(timesteps=solver.timesteps.tolist(), cost=cost, decision_group=self.decision_group)
-            cache, calls = make_cache(cache_cfg, steps, **kw), 0
-            self.dit.to(device)
+            cache = make_cache(cache_cfg, steps, **kw)
+            calls = 0
+            place.move("sampling", "dit", self.dit, device)
             quiet = args.quiet or not self.launch.is_main
             for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=quiet)):
                 t = t.to(device).expand(1)  # [1] float σ·1000
                 if cache is None or cache.should_compute(i, latents):
-                    with sw.phase("dit"):  # one DiT call per branch (the official batches CFG's two)
+                    with sw.phase("dit"):
                         # TeaCache, MagCache and PAB act inside the DiT through one hook per call (else None).
                         hooks = {k: cache.hook(k) if cache is not None else None for k in text}
-                        v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k], sp=sp) for k in text}
-                    calls += len(v)
+                        one_call = batched and all(h is None for h in hooks.values())  # hooks are per branch
+                        if one_call:  # one batch-2 call on [x; x] with [cond; uncond], split back
+                            g2 = None if g_in is None else g_in.expand(2)
+                            cond, uncond = self.dit(
+                                torch.cat([latents] * 2), t.expand(2), *text_pair, g2, sp=sp
+                            ).chunk(2)
+                            v = {"cond": cond, "uncond": uncond}
+                        else:  # one call per branch
+                            v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k], sp=sp) for k in text}
+                    calls += 1 if one_call else len(v)  # DiT calls (NFE): a batched call counts once
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
@@ -299,13 +320,13 @@ class HunyuanT2V:
                     noise_pred = v["uncond"] + args.cfg_scale * (v["cond"] - v["uncond"])
                 latents = solver.step(noise_pred, i, latents)  # [1, C, T, h, w] fp32
             if args.use_cpu_offload:  # free the device memory the VAE decode needs
-                self.dit.to("cpu")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            with sw.phase("vae"):  # official tiling: 256-pixel, 64-frame tiles; rank 0 alone decodes
-                frames = to_uint8_frames(self.vae.decode(latents)) if self.launch.is_main else None
+                place.move("vae", "dit", self.dit, "cpu")
+            with sw.phase("vae"):  # official tiling: 256-pixel, 64-frame tiles
+                frames = to_uint8_frames(self.vae.decode(latents)) if self.launch.is_main else None  # rank 0
         stats, trace = (cache.stats, cache.trace) if cache is not None else (None, None)
-        return Generation(frames, latents.cpu(), dict(sw.seconds), calls, stats, trace)
+        return Generation(
+            frames, latents.cpu(), dict(sw.seconds), calls, stats, trace, {"placement": place.moves}
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -295,9 +295,9 @@ def refiner_mask(text_mask: Tensor) -> Tensor:
 class IndividualTokenRefinerBlock(nn.Module):
     """Self-attention + SiLU MLP over the text tokens, gated (no shift/scale) by the refiner's condition c."""
 
-    def __init__(self, hidden_size: int, heads_num: int):
+    def __init__(self, hidden_size: int, heads_num: int, attn_backend: str = "auto"):
         super().__init__()
-        self.heads_num = heads_num
+        self.heads_num, self.attn_backend = heads_num, attn_backend
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
         self.self_attn_qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.self_attn_proj = nn.Linear(hidden_size, hidden_size)
@@ -309,21 +309,23 @@ class IndividualTokenRefinerBlock(nn.Module):
         gate_msa, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # 2 x [B, 1, D]
         qkv = self.self_attn_qkv(affine_norm(self.norm1, x))  # [B, L, 3D]
         q, k, v = rearrange(qkv, "B L (K A d) -> K B L A d", K=3, A=self.heads_num)  # 3 x [B, L, A, d]
-        x = x + self.self_attn_proj(attention(q, k, v, mask=mask).flatten(2)) * gate_msa  # [B, L, D]
+        attn = attention(q, k, v, mask=mask, backend=self.attn_backend).flatten(2)  # [B, L, D]
+        x = x + self.self_attn_proj(attn) * gate_msa  # [B, L, D]
         return x + self.mlp(affine_norm(self.norm2, x)) * gate_mlp  # [B, L, D]
 
 
 class SingleTokenRefiner(nn.Module):
     """txt_in: project the LLM states to D and refine them, conditioned on t and their masked mean."""
 
-    def __init__(self, config: HunyuanVideoConfig):
+    def __init__(self, config: HunyuanVideoConfig, attn_backend: str = "auto"):
         super().__init__()
         d_txt, dim = config.text_states_dim, config.hidden_size
         self.input_embedder = nn.Linear(d_txt, dim)
         self.t_embedder = TimestepEmbedder(dim)
         self.c_embedder = TextProjection(d_txt, dim)
         # A dict only to reproduce the official key prefix txt_in.individual_token_refiner.blocks.{r}.
-        blocks = [IndividualTokenRefinerBlock(dim, config.heads_num) for _ in range(TOKEN_REFINER_DEPTH)]
+        heads = config.heads_num
+        blocks = [IndividualTokenRefinerBlock(dim, heads, attn_backend) for _ in range(TOKEN_REFINER_DEPTH)]
         self.individual_token_refiner = nn.ModuleDict({"blocks": nn.ModuleList(blocks)})
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor | None) -> Tensor:
@@ -357,10 +359,10 @@ def stream_qkv(
 class MMDoubleStreamBlock(nn.Module):
     """Image and text streams with separate weights, joined only in attention (image tokens first)."""
 
-    def __init__(self, config: HunyuanVideoConfig):
+    def __init__(self, config: HunyuanVideoConfig, attn_backend: str = "auto"):
         super().__init__()
         dim, bias = config.hidden_size, config.qkv_bias
-        self.heads_num = config.heads_num
+        self.heads_num, self.attn_backend = config.heads_num, attn_backend
         self.img_mod = ModulateDiT(dim, 6)
         self.img_attn_qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.img_attn_q_norm, self.img_attn_k_norm = qk_norm(config), qk_norm(config)
@@ -411,16 +413,16 @@ class MMDoubleStreamBlock(nn.Module):
         if sp is not None:  # this rank's image tokens; the text on every rank, joined "rear" as xDiT's
             return torch.cat(sp.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v), 1).flatten(2)
         q, k, v = (torch.cat(pair, dim=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
-        return attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
+        return attention(q, k, v, k_lens=k_lens, backend=self.attn_backend).flatten(2)  # [B, S, D]
 
 
 class MMSingleStreamBlock(nn.Module):
     """One stream over [image; text]: attention and MLP run in parallel from one fused linear1."""
 
-    def __init__(self, config: HunyuanVideoConfig):
+    def __init__(self, config: HunyuanVideoConfig, attn_backend: str = "auto"):
         super().__init__()
         dim, mlp = config.hidden_size, config.mlp_hidden_dim
-        self.heads_num, self.mlp_hidden_dim = config.heads_num, mlp
+        self.heads_num, self.mlp_hidden_dim, self.attn_backend = config.heads_num, mlp, attn_backend
         self.linear1 = nn.Linear(dim, 3 * dim + mlp)  # rows [q; k; v; mlp_in] (always with bias, officially)
         self.linear2 = nn.Linear(dim + mlp, dim)  # columns [attn; mlp_act]
         self.q_norm, self.k_norm = qk_norm(config), qk_norm(config)
@@ -456,7 +458,7 @@ class MMSingleStreamBlock(nn.Module):
         if sp is not None:  # this rank's image tokens, then the text (the same on every rank)
             img_qkv, txt_qkv = (t[:, :n_img] for t in (q, k, v)), (t[:, n_img:] for t in (q, k, v))
             return torch.cat(sp.joint_attention(*img_qkv, *txt_qkv), dim=1).flatten(2)  # [B, S, D]
-        return attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
+        return attention(q, k, v, k_lens=k_lens, backend=self.attn_backend).flatten(2)  # [B, S, D]
 
 
 class FinalLayer(nn.Module):
@@ -480,22 +482,23 @@ class FinalLayer(nn.Module):
 
 
 class HunyuanVideoModel(nn.Module):
-    """HYVideoDiffusionTransformer: token refiner, double-stream then single-stream blocks, final layer."""
+    """HYVideoDiffusionTransformer: token refiner, double-stream then single-stream blocks, final layer.
+    `attn_backend` picks the attention kernel of every block (models.attention.BACKENDS); no weights."""
 
-    def __init__(self, config: HunyuanVideoConfig):
+    def __init__(self, config: HunyuanVideoConfig, attn_backend: str = "auto"):
         super().__init__()
         self.config = config
         dim = config.hidden_size
         self.img_in = PatchEmbed(config)
-        self.txt_in = SingleTokenRefiner(config)
+        self.txt_in = SingleTokenRefiner(config, attn_backend)
         self.time_in = TimestepEmbedder(dim)
         self.vector_in = MLPEmbedder(config.text_states_dim_2, dim)
         self.guidance_in = TimestepEmbedder(dim) if config.guidance_embed else None
         self.double_blocks = nn.ModuleList(
-            MMDoubleStreamBlock(config) for _ in range(config.mm_double_blocks_depth)
+            MMDoubleStreamBlock(config, attn_backend) for _ in range(config.mm_double_blocks_depth)
         )
         self.single_blocks = nn.ModuleList(
-            MMSingleStreamBlock(config) for _ in range(config.mm_single_blocks_depth)
+            MMSingleStreamBlock(config, attn_backend) for _ in range(config.mm_single_blocks_depth)
         )
         self.final_layer = FinalLayer(config)
 
@@ -649,6 +652,7 @@ def load_hunyuan(
     config: HunyuanVideoConfig = HUNYUAN_CONFIGS["t2v-720p"],
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
+    attn_backend: str = "auto",
 ) -> HunyuanVideoModel:
     """Load the official DiT checkpoint strictly.
 
@@ -659,6 +663,7 @@ def load_hunyuan(
         config: the architecture; HUNYUAN_CONFIGS["t2v-720p"] for the release.
         device, dtype: where the weights end up (the release is bf16; the model is built on meta and the
             memory-mapped tensors are assigned, so 25.6 GB are never held twice).
+        attn_backend: the attention kernel (models.attention.BACKENDS).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -667,7 +672,7 @@ def load_hunyuan(
         )
     state_dict = _official_state_dict(load_file_state_dict(path), path)
     with torch.device("meta"):
-        model = HunyuanVideoModel(config)
+        model = HunyuanVideoModel(config, attn_backend)
     load_strict(model, state_dict, source=path)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

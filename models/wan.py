@@ -58,6 +58,9 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
+    # Not an upstream argument: upstream hard-codes the open-clip ViT-H/14 width (MLPProj(1280, dim)). Named
+    # as diffusers' `image_dim`; only the I2V demo model (a 64-wide CLIP tower) sets another value.
+    image_dim: int = CLIP_DIM
 
     def __post_init__(self):
         # JSON gives lists; keep the frozen config hashable and comparable.
@@ -79,6 +82,7 @@ class WanConfig:
             "out_dim",
             "num_heads",
             "num_layers",
+            "image_dim",
         )
         for name in sizes:
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
@@ -117,7 +121,7 @@ class WanConfig:
             cross_attn_norm=self.cross_attn_norm,
             qk_norm="rms_norm_across_heads" if self.qk_norm else None,
             eps=self.eps,
-            image_dim=1280 if i2v else None,  # open-clip ViT-H/14 width
+            image_dim=self.image_dim if i2v else None,  # open-clip ViT-H/14 width (1280)
             added_kv_proj_dim=self.dim if i2v else None,
         )
 
@@ -147,6 +151,19 @@ WAN_I2V_14B = WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, nu
 # The embedded demo model (train_wan_tiny.py, checkpoints/wan-tiny): 64×64×17 videos -> 16×5×16×16 latents
 # -> 1×2×2 patches (the official patch size) -> 320 tokens; its text encoder is a 64-wide umT5 over 16 tokens.
 WAN_TINY = WanConfig(text_len=16, dim=128, ffn_dim=384, text_dim=64, num_heads=2, num_layers=6)
+# The I2V demo model (train_wan_tiny_i2v.py, checkpoints/wan-i2v-tiny): WAN_TINY with the I2V input (16 noise
+# + 20 condition channels) and the CLIP branch over a 64-wide image tower (models.wan_clip.CLIP_TINY).
+WAN_I2V_TINY = WanConfig(
+    model_type="i2v",
+    in_dim=36,
+    image_dim=64,
+    text_len=16,
+    dim=128,
+    ffn_dim=384,
+    text_dim=64,
+    num_heads=2,
+    num_layers=6,
+)
 
 # The 480P and 720P I2V checkpoints share one DiT architecture (they differ only in weights).
 WAN_CONFIGS = {
@@ -155,6 +172,7 @@ WAN_CONFIGS = {
     "i2v-14B-480P": WAN_I2V_14B,
     "i2v-14B-720P": WAN_I2V_14B,
     "tiny": WAN_TINY,
+    "i2v-tiny": WAN_I2V_TINY,
 }
 WAN_REPOS = {
     "t2v-1.3B": "Wan-AI/Wan2.1-T2V-1.3B",
@@ -253,9 +271,12 @@ class WanRMSNorm(nn.Module):
 class WanSelfAttention(nn.Module):
     """Self-attention over all video tokens with full-dim QK RMSNorm and 3D RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, attn_backend: str = "auto"
+    ):
         super().__init__()
         self.num_heads = num_heads
+        self.attn_backend = attn_backend  # models.attention backend: auto, sdpa, flash or sage
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -270,7 +291,7 @@ class WanSelfAttention(nn.Module):
         v = self.v(x).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh]
         q, k = rope_apply(q, freqs).to(v.dtype), rope_apply(k, freqs).to(v.dtype)  # [B, L, N, Dh]
         # Sequence parallel: L is this rank's tokens, and the keys of every rank take part (Ulysses/ring).
-        out = attention(q, k, v) if sp is None else sp.attention(q, k, v)  # [B, L, N, Dh]
+        out = attention(q, k, v, backend=self.attn_backend) if sp is None else sp.attention(q, k, v)
         return self.o(out.flatten(-2).to(self.o.weight.dtype))  # [B, L, D]
 
 
@@ -280,42 +301,48 @@ class WanCrossAttention(WanSelfAttention):
     The same q/k/v/o and QK norms as self-attention (upstream subclasses it too), without RoPE."""
 
     def __init__(
-        self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, image: bool = False
+        self,
+        dim: int,
+        num_heads: int,
+        qk_norm: bool = True,
+        eps: float = 1e-6,
+        image: bool = False,
+        attn_backend: str = "auto",
     ):
-        super().__init__(dim, num_heads, qk_norm, eps)
+        super().__init__(dim, num_heads, qk_norm, eps, attn_backend)
         if image:
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, context: Tensor, context_img: Tensor | None) -> Tensor:
-        dt, heads = self.q.weight.dtype, (self.num_heads, -1)
+        dt, heads, backend = self.q.weight.dtype, (self.num_heads, -1), self.attn_backend
         q = self.norm_q(self.q(x.to(dt))).unflatten(-1, heads)  # [B, L, N, Dh]
         k = self.norm_k(self.k(context.to(dt))).unflatten(-1, heads)  # [B, T, N, Dh]
         v = self.v(context.to(dt)).unflatten(-1, heads)  # [B, T, N, Dh]
-        out = attention(q.to(v.dtype), k.to(v.dtype), v).float()  # [B, L, N, Dh]
+        out = attention(q.to(v.dtype), k.to(v.dtype), v, backend=backend).float()  # [B, L, N, Dh]
         if context_img is not None:
             k_img = self.norm_k_img(self.k_img(context_img.to(dt))).unflatten(-1, heads)  # [B, I, N, Dh]
             v_img = self.v_img(context_img.to(dt)).unflatten(-1, heads)  # [B, I, N, Dh]
             # Upstream returns each attention in fp32 and sums there before `o` rounds to the weight dtype.
-            out = out + attention(q.to(v.dtype), k_img.to(v.dtype), v_img).float()  # [B, L, N, Dh]
+            out = out + attention(q.to(v.dtype), k_img.to(v.dtype), v_img, backend=backend).float()
         return self.o(out.flatten(-2).to(self.o.weight.dtype))  # [B, L, D]
 
 
 class WanAttentionBlock(nn.Module):
     """Self-attention, cross-attention and FFN; adaLN modulation from the shared time projection."""
 
-    def __init__(self, config: WanConfig):
+    def __init__(self, config: WanConfig, attn_backend: str = "auto"):
         super().__init__()
         dim, eps = config.dim, config.eps
         self.norm1 = WanLayerNorm(dim, eps)
-        self.self_attn = WanSelfAttention(dim, config.num_heads, config.qk_norm, eps)
+        self.self_attn = WanSelfAttention(dim, config.num_heads, config.qk_norm, eps, attn_backend)
         # Upstream naming: norm3 is the (affine) cross-attention pre-norm, norm2 the FFN pre-norm.
         self.norm3 = (
             WanLayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
         )
         image = config.model_type == "i2v"
-        self.cross_attn = WanCrossAttention(dim, config.num_heads, config.qk_norm, eps, image=image)
+        self.cross_attn = WanCrossAttention(dim, config.num_heads, config.qk_norm, eps, image, attn_backend)
         self.norm2 = WanLayerNorm(dim, eps)
         self.ffn = nn.Sequential(
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
@@ -391,9 +418,10 @@ class MLPProj(nn.Module):
 
 
 class WanModel(nn.Module):
-    """Wan2.1 DiT; `state_dict()` keys are exactly those of the official checkpoints."""
+    """Wan2.1 DiT; `state_dict()` keys are exactly those of the official checkpoints. `attn_backend` picks
+    the attention kernel of every block (models.attention.BACKENDS); it holds no weights."""
 
-    def __init__(self, config: WanConfig):
+    def __init__(self, config: WanConfig, attn_backend: str = "auto"):
         super().__init__()
         self.config = config
         dim = config.dim
@@ -405,10 +433,12 @@ class WanModel(nn.Module):
         )
         self.time_embedding = nn.Sequential(Fp32Linear(config.freq_dim, dim), nn.SiLU(), Fp32Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), Fp32Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList([WanAttentionBlock(config) for _ in range(config.num_layers)])
+        self.blocks = nn.ModuleList(
+            [WanAttentionBlock(config, attn_backend) for _ in range(config.num_layers)]
+        )
         self.head = Head(dim, config.out_dim, config.patch_size, config.eps)
         if config.model_type == "i2v":
-            self.img_emb = MLPProj(CLIP_DIM, dim)
+            self.img_emb = MLPProj(config.image_dim, dim)
 
     def forward(
         self,
@@ -496,8 +526,10 @@ class WanModel(nn.Module):
         elif clip_fea is None or y is None:
             raise ValueError("an i2v model needs both clip_fea [B, 257, 1280] and y [B, C_y, F, H, W]")
         else:
-            if clip_fea.ndim != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != CLIP_DIM:
-                raise ValueError(f"clip_fea must be [B={b}, I, {CLIP_DIM}], got {tuple(clip_fea.shape)}")
+            if clip_fea.ndim != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != cfg.image_dim:
+                raise ValueError(
+                    f"clip_fea must be [B={b}, I, image_dim={cfg.image_dim}], got {tuple(clip_fea.shape)}"
+                )
             if y.ndim != 5 or y.shape[0] != b or y.shape[2:] != x.shape[2:]:
                 raise ValueError(
                     f"y must be [B, C_y, F, H, W] matching x {tuple(x.shape)}, got {tuple(y.shape)}"
@@ -578,6 +610,7 @@ def load_wan(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     repo_id: str | None = None,
+    attn_backend: str = "auto",
 ) -> WanModel:
     """Load an official Wan2.1 DiT checkpoint directory strictly.
 
@@ -587,6 +620,7 @@ def load_wan(
         config: use this instead of `ckpt_dir/config.json`.
         device, dtype: where the weights go; with bf16/fp16 the fp32 islands stay fp32.
         repo_id: Hub repo named in the error message when files are missing (e.g. WAN_REPOS["t2v-1.3B"]).
+        attn_backend: the attention kernel (models.attention.BACKENDS).
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -602,7 +636,7 @@ def load_wan(
         _require(ckpt_dir, [f"{WEIGHTS}.safetensors (or its shards + .index.json)"], repo_id)
 
     with torch.device("meta"):
-        model = WanModel(config)
+        model = WanModel(config, attn_backend)
     keep = fp32_island_keys(model)
     # Cast each tensor as it is read, into memory of its own (copy=True: a tensor left viewing the memory
     # map, e.g. an fp32 island, would keep every shard's pages mapped): the peak is the cast model plus one
