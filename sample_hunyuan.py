@@ -4,13 +4,11 @@
     python sample_hunyuan.py --video-size 720 1280 --flow-reverse --use-cpu-offload --save-path ./results
     python sample_hunyuan.py --cache none ...                             # the uncached baseline, same loop
     python sample_hunyuan.py --compare --prompts prompts.txt              # baseline vs cache: one table row
+    torchrun --nproc_per_node=8 sample_hunyuan.py --video-size 720 1280 --ulysses-degree 8 --ring-degree 1
 
 Flags keep the names of the official sample_video.py (hyvideo/config.py); the cache flags come from
 easycache.cli. Without --model-base only the needed files are downloaded into checkpoints/HunyuanVideo: the
 DiT from tencent/HunyuanVideo, the text encoders and the VAE from hunyuanvideo-community/HunyuanVideo.
-
-main() runs parse_args (argparse only) -> check_args (no model, one `error:` line each) -> the files ->
-load (heavy imports inside HunyuanT2V) -> run; sample_wan.py's docstring says where new flags and imports go.
 """
 
 from __future__ import annotations
@@ -20,28 +18,43 @@ import json
 import os
 import random
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from easycache import checks
-from easycache.cli import add_cache_args, add_output_args, check_run_args, no_grad
+from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
+from easycache.compare import Generation, generate_and_report
 from easycache.magcache import MagCacheConfig
 from easycache.published import MAG_RATIOS
-from easycache.report import RunOutputs, slug
+from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.teacache import COEFFICIENTS, TeaCacheConfig
-from models.loading import check_checkpoint_files, resolve_checkpoint  # standard library only
-
-if TYPE_CHECKING:
-    from easycache.compare import Generation
-    from models.hunyuan import HunyuanVideoConfig
-from models.fast import add_speed_args, check_speed_args, compile_blocks  # torch only
-from models.offload import Placement  # torch only
+from easycache.video import to_uint8_frames
+from models.fast import add_speed_args, check_speed_args, compile_blocks
+from models.hunyuan import (
+    CKPT_FILE,
+    HUNYUAN_CONFIGS,
+    HunyuanVideoConfig,
+    flops_per_call,
+    guidance_input,
+    load_hunyuan,
+)
+from models.hunyuan import HUB_REPO as DIT_REPO
+from models.hunyuan_text import HUB_REPO as PARTS_REPO
+from models.hunyuan_text import HunyuanTextEncoders
+from models.hunyuan_vae import HunyuanVAE, latent_shape
+from models.loading import check_checkpoint_files, resolve_checkpoint
+from models.offload import Placement
+from models.parallel import Launch, check_layout, init_distributed, init_sequence_parallel, launch_world_size
+from models.solvers import FlowEuler, hunyuan_sigmas
 
 # The official NEGATIVE_PROMPT (hyvideo/constants.py); only used with --cfg-scale > 1, as there.
 NEGATIVE_PROMPT = (
     "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, "
     "bad teeth, bad eyes, bad limbs, distortion"
 )
-DTYPES = ("fp32", "fp16", "bf16")  # torch.float32, torch.float16, torch.bfloat16 (resolved when loading)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What this script needs of PARTS_REPO (transformers itself checks the LLM's shards against its index).
 _PARTS_FILES = ["text_encoder/config.json", "tokenizer/tokenizer_config.json", "text_encoder_2/config.json",
                 "tokenizer_2/tokenizer_config.json", "vae/config.json",
@@ -53,7 +66,7 @@ class Task:
     """The defaults of the official sample_video.py for the released HYVideo-T/2-cfgdistill."""
 
     ckpt_dir: str  # both Hub repos download here (their paths do not collide): one --model-base
-    dit: str  # a preset of models.hunyuan.HUNYUAN_CONFIGS
+    dit: HunyuanVideoConfig
     sizes: tuple[tuple[int, int], ...]  # official (H, W); others (multiples of 16) are allowed with a note
     video_length: int = 129
     infer_steps: int = 50
@@ -66,7 +79,7 @@ class Task:
 
 _720P = ((720, 1280), (1280, 720), (1104, 832), (832, 1104), (960, 960))
 _540P = ((544, 960), (960, 544), (624, 832), (832, 624), (720, 720))  # the authors ran EasyCache at 544 960
-TASKS = {"t2v-720p": Task("checkpoints/HunyuanVideo", "t2v-720p", sizes=_720P + _540P)}
+TASKS = {"t2v-720p": Task("checkpoints/HunyuanVideo", HUNYUAN_CONFIGS["t2v-720p"], sizes=_720P + _540P)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,15 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--neg-prompt", help="negative prompt of --cfg-scale > 1 (default: the official one)")
     p.add_argument("--seed", type=int, help="seed (default: drawn in 0..1e6 as the official; recorded)")
     p.add_argument("--model-base", help="local folder holding all files (default: checkpoints/HunyuanVideo)")
-    p.add_argument(
-        "--dit-weight",
-        help="the DiT file (default: <model-base>/hunyuan-video-t2v-720p/"
-        "transformers/mp_rank_00_model_states.pt)",
-    )
+    p.add_argument("--dit-weight", help=f"the DiT file (default: <model-base>/{CKPT_FILE})")
     p.add_argument("--dit-config", help="JSON of HunyuanVideoConfig fields: a non-release DiT (tests)")
     p.add_argument("--save-path", default="outputs", help="output folder (official), or a .mp4 path")
     p.add_argument("--use-cpu-offload", action="store_true", help="text encoders, DiT on the CPU when idle")
-    p.add_argument("--device", help="default: cuda if available, else cpu (resolved when loading)")
+    p.add_argument("--ulysses-degree", type=int, default=1, help="torchrun: Ulysses degree (splits heads)")
+    p.add_argument("--ring-degree", type=int, default=1, help="torchrun: ring-attention degree")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=DTYPES, help="DiT dtype (official bf16; CPU default fp32)")
     p.add_argument("--vae-precision", choices=DTYPES, help="VAE dtype (official fp16; CPU default fp32)")
     p.add_argument("--text-encoder-precision", choices=DTYPES, help="LLM, CLIP (official fp16; CPU fp32)")
@@ -141,39 +152,53 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
         raise ValueError(
             f"--flow-shift must be > 0 (1 = no shift; the release uses 7), got {args.flow_shift}"
         )
-    if args.dit_weight is not None and not os.path.isfile(args.dit_weight):
-        raise FileNotFoundError(
-            f"--dit-weight {args.dit_weight} is not a file (the official mp_rank_00_model_states.pt)"
-        )
-    if args.model_base is not None and not os.path.isdir(args.model_base):
-        raise FileNotFoundError(f"--model-base {args.model_base} is not a directory")
     if args.seed is not None:
         checks.check_seed(args.seed, "--seed", count=args.num_seeds, draw="leave it out to draw one")
+    if args.dit_weight is not None and not os.path.isfile(args.dit_weight):
+        raise FileNotFoundError(f"--dit-weight {args.dit_weight} is not a file (the official {CKPT_FILE})")
+    if args.model_base is not None and not os.path.isdir(args.model_base):
+        raise FileNotFoundError(f"--model-base {args.model_base} is not a directory")
     prompts = check_run_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
-    import torch  # already imported by easycache.cli (the cache methods' configs); no model yet
-
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     cuda = torch.device(args.device).type == "cuda"
-    check_speed_args(args, args.device, dtypes[args.precision or ("bf16" if cuda else "fp32")])
+    check_speed_args(args, args.device, DTYPES[args.precision or ("bf16" if cuda else "fp32")])
     if args.seed is None:
         args.seed = random.randint(0, 1_000_000)
-    if args.dit_config:  # the last check: it imports models/ (torch) for the config class
-        return task, read_dit_config(args.dit_config), prompts
-    from models.hunyuan import HUNYUAN_CONFIGS
+    dit = read_dit_config(args.dit_config) if args.dit_config else task.dit
+    check_launch(args, dit)
+    return task, dit, prompts
 
-    return task, HUNYUAN_CONFIGS[task.dit], prompts
+
+def check_launch(args: argparse.Namespace, dit: HunyuanVideoConfig) -> None:
+    """The sequence-parallel flags against the torchrun launch, the heads and the video size (the official
+    parallel forward splits the latent's patch rows, else its columns, over ulysses x ring ranks)."""
+    u, r, world = args.ulysses_degree, args.ring_degree, launch_world_size()
+    if u * r == 1:
+        return
+    if world == 1:
+        raise ValueError(
+            "--ulysses-degree/--ring-degree need several processes: launch with torchrun "
+            "--nproc_per_node=N sample_hunyuan.py ... (ulysses x ring degree = N)"
+        )
+    check_layout(u, r, world, dit.heads_num)
+    rows, cols = (s // (8 * p) for s, p in zip(args.video_size, dit.patch_size[1:]))  # VAE 8x, patch
+    if rows % world and cols % world:
+        raise ValueError(
+            f"--video-size {args.video_size[0]} {args.video_size[1]} gives a {rows}x{cols} patch grid that "
+            f"splits over {world} ranks neither by rows nor by columns; use a height or width that is a "
+            f"multiple of {16 * world}"
+        )
+    if args.use_cpu_offload:  # as the official sample_video.py
+        raise ValueError("--use-cpu-offload cannot be combined with --ulysses-degree/--ring-degree")
 
 
 def video_file(args: argparse.Namespace) -> str | None:
     """--save-path: a folder (the official meaning; None here) or the .mp4 itself; any other suffix is
     refused rather than made into a folder named like a video."""
-    root, suffix = os.path.splitext(args.save_path)
+    suffix = os.path.splitext(args.save_path)[1]
     if suffix == ".mp4":
         return args.save_path
-    if suffix.lower() in (".avi", ".mkv", ".mov", ".webm", ".gif", ".m4v", ".json") and not os.path.isdir(
-        args.save_path
-    ):
+    videos = (".avi", ".mkv", ".mov", ".webm", ".gif", ".m4v", ".json")
+    if suffix.lower() in videos and not os.path.isdir(args.save_path):
         raise ValueError(
             f"--save-path {args.save_path}: videos are written as .mp4; give a folder or a .mp4 path"
         )
@@ -181,8 +206,6 @@ def video_file(args: argparse.Namespace) -> str | None:
 
 
 def read_dit_config(path: str) -> HunyuanVideoConfig:
-    from models.hunyuan import HunyuanVideoConfig
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--dit-config file not found: {path}")
     try:
@@ -215,10 +238,6 @@ def check_parts(model_base: str, dit: HunyuanVideoConfig) -> None:
 def resolve_files(args: argparse.Namespace, task: Task) -> tuple[str, str]:
     """(DiT file, folder of the text encoders and VAE); only missing files are downloaded, and every missing
     repository is named in one error."""
-    from models.hunyuan import CKPT_FILE
-    from models.hunyuan import HUB_REPO as DIT_REPO
-    from models.hunyuan_text import HUB_REPO as PARTS_REPO
-
     base = args.model_base
     dit = dict(files=[CKPT_FILE], patterns=[CKPT_FILE], default_dir=task.ckpt_dir, flag="--model-base")
     patterns = sorted({f"{f.split('/')[0]}/*" for f in _PARTS_FILES})  # only these folders are fetched
@@ -233,19 +252,19 @@ def resolve_files(args: argparse.Namespace, task: Task) -> tuple[str, str]:
 class HunyuanT2V:
     """The loaded components and how to run them once."""
 
-    def __init__(self, dit_weight: str, model_base: str, dit_config: HunyuanVideoConfig, args):
-        import torch  # the heavy imports, after parsing and checking
-
-        from models.hunyuan import load_hunyuan
-        from models.hunyuan_text import HunyuanTextEncoders
-        from models.hunyuan_vae import HunyuanVAE
-
-        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.args, self.device = args, torch.device(args.device)
+    def __init__(
+        self,
+        dit_weight: str,
+        model_base: str,
+        dit_config: HunyuanVideoConfig,
+        args,
+        launch: Launch | None = None,
+    ):
+        self.launch = launch or Launch(0, 1, torch.device(args.device))
+        self.args, self.device = args, self.launch.device
         cuda = self.device.type == "cuda"  # official dtypes on GPUs; fp16 matmuls crawl on CPUs
-        self.dtype = dtypes[args.precision or ("bf16" if cuda else "fp32")]
-        self.text_dtype = dtypes[args.text_encoder_precision or ("fp16" if cuda else "fp32")]
+        self.dtype = DTYPES[args.precision or ("bf16" if cuda else "fp32")]
+        self.text_dtype = DTYPES[args.text_encoder_precision or ("fp16" if cuda else "fp32")]
         offload = args.use_cpu_offload  # each waits on the CPU and visits the device only to run
         self.text_encoders = HunyuanTextEncoders.from_pretrained(
             model_base, device=self.device, dtype=self.text_dtype, offload=offload
@@ -256,8 +275,23 @@ class HunyuanT2V:
         )
         if args.compile:  # the blocks only: the cache decision below stays eager
             compile_blocks(self.dit)
-        vae_dtype = dtypes[args.vae_precision or ("fp16" if cuda else "fp32")]
+        vae_dtype = DTYPES[args.vae_precision or ("fp16" if cuda else "fp32")]
         self.vae = HunyuanVAE.from_pretrained(f"{model_base}/vae", device=self.device, dtype=vae_dtype)
+        self.sp = None  # sequence parallelism: each rank embeds 1/N of the latent's rows, text on every rank
+        if args.ulysses_degree * args.ring_degree > 1:
+            u, r = args.ulysses_degree, args.ring_degree
+            self.sp = init_sequence_parallel(u, r, device=self.device, dtype=self.dtype)
+        # Every rank must take every cache decision alike: rank 0's is broadcast (see StepCache).
+        self.decision_group = dist.group.WORLD if self.launch.world_size > 1 else None
+
+    def parallel_report(self) -> dict:
+        """The multi-GPU layout, for the report."""
+        return {
+            "world_size": self.launch.world_size,
+            "ulysses_degree": self.args.ulysses_degree,
+            "ring_degree": self.args.ring_degree,
+            "attention": self.sp.attn_type if self.sp else None,
+        }
 
     def encode(self, prompt: str) -> dict[str, tuple]:
         """Named branches -> (text_states [1, L, Dt], text_mask [1, L], text_states_2 [1, Dp]): "cond", and
@@ -266,20 +300,9 @@ class HunyuanT2V:
         names = ["cond", "uncond"] if self.args.cfg_scale > 1 else ["cond"]
         return {k: self.text_encoders([prompts[k].strip()]) for k in names}
 
-    @no_grad
+    @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
-        import torch
-        from tqdm import tqdm
-
-        from easycache.cli import make_cache
-        from easycache.compare import Generation
-        from easycache.report import Stopwatch
-        from easycache.video import to_uint8_frames
-        from models.hunyuan import flops_per_call, guidance_input
-        from models.hunyuan_vae import latent_shape
-        from models.solvers import FlowEuler, hunyuan_sigmas
-
-        args, device, cfg = self.args, self.device, self.dit.config
+        args, device, cfg, sp = self.args, self.device, self.dit.config, self.sp
         sw, place = Stopwatch(device), Placement()
         with sw.phase("end_to_end"):
             with sw.phase("text"):
@@ -299,10 +322,12 @@ class HunyuanT2V:
             solver = FlowEuler(hunyuan_sigmas(steps, args.flow_shift))
             grid = tuple(s // p for s, p in zip(shape[2:], cfg.patch_size))  # the DiT's patch grid
             cost = flops_per_call(cfg, grid, text_len=text["cond"][0].shape[1])  # for the work ratio
-            cache = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist(), cost=cost)
+            kw = dict(timesteps=solver.timesteps.tolist(), cost=cost, decision_group=self.decision_group)
+            cache = make_cache(cache_cfg, steps, **kw)
             calls = 0
             place.move("sampling", "dit", self.dit, device)
-            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
+            quiet = args.quiet or not self.launch.is_main
+            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=quiet)):
                 t = t.to(device).expand(1)  # [1] float σ·1000
                 if cache is None or cache.should_compute(i, latents):
                     with sw.phase("dit"):
@@ -312,13 +337,13 @@ class HunyuanT2V:
                         if one_call:  # one batch-2 call on [x; x] with [cond; uncond], split back
                             g2 = None if g_in is None else g_in.expand(2)
                             cond, uncond = self.dit(
-                                torch.cat([latents] * 2), t.expand(2), *text_pair, g2
+                                torch.cat([latents] * 2), t.expand(2), *text_pair, g2, sp=sp
                             ).chunk(2)
                             v = {"cond": cond, "uncond": uncond}
                         else:  # one call per branch
-                            v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k]) for k in text}
-                    calls += 1 if one_call else len(v)  # DiT calls (NFE): a batched call counts once
+                            v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k], sp=sp) for k in text}
                     checks.check_dit_output(v, i)  # NaN/inf: stop at this step, not at the VAE
+                    calls += 1 if one_call else len(v)  # DiT calls (NFE): a batched call counts once
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
@@ -330,7 +355,7 @@ class HunyuanT2V:
             if args.use_cpu_offload:  # free the device memory the VAE decode needs
                 place.move("vae", "dit", self.dit, "cpu")
             with sw.phase("vae"):  # official tiling: 256-pixel, 64-frame tiles
-                frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
+                frames = to_uint8_frames(self.vae.decode(latents)) if self.launch.is_main else None  # rank 0
         stats, trace = (cache.stats, cache.trace) if cache is not None else (None, None)
         return Generation(
             frames, latents.cpu(), dict(sw.seconds), calls, stats, trace, {"placement": place.moves}
@@ -352,14 +377,16 @@ def main(argv: list[str] | None = None) -> None:
         check_checkpoint_files(model_base, [f for f in _PARTS_FILES if not f.startswith("tokenizer")])
         check_checkpoint_files(os.path.dirname(dit_weight), [os.path.basename(dit_weight)])
         check_parts(model_base, dit_config)
-    with checks.refuse_errors(checks.BAD_FILE):  # 4. load: the heavy imports happen here
-        pipe = HunyuanT2V(dit_weight, model_base, dit_config, args)
-    from easycache.compare import generate_and_report
-    from easycache.report import environment
-
+    launch = init_distributed(args.device)
+    args.seed = launch.broadcast(args.seed)  # a seed drawn at random: rank 0's for all
+    with checks.refuse_errors(checks.BAD_FILE):  # 4. load
+        pipe = HunyuanT2V(dit_weight, model_base, dit_config, args, launch)
     report = {"script": "sample_hunyuan.py", "args": vars(args), "environment": environment(pipe.device)}
+    report["parallel"] = pipe.parallel_report()
+    label = f"hunyuan {args.task}"
     with checks.refuse_run_errors():  # 5. run
-        generate_and_report(pipe.generate, prompts, args.seed, args, out, report, f"hunyuan {args.task}")
+        generate_and_report(pipe.generate, prompts, args.seed, args, out, report, label, write=launch.is_main)
+    launch.close()
 
 
 if __name__ == "__main__":

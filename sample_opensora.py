@@ -3,6 +3,7 @@
     python sample_opensora.py --num-frames 4s --resolution 720p --prompt "a beautiful waterfall"
     python sample_opensora.py --resolution 480p --cache none ...                # the baseline, same loop
     python sample_opensora.py --resolution 480p --compare --prompts prompts.txt  # baseline vs cache
+    torchrun --nproc_per_node=8 sample_opensora.py --prompts prompts.txt   # the prompts split over 8 GPUs
 
 Flags keep the official scripts/inference.py names (--num-frames with the 2s/4s/8s/16s aliases,
 --resolution, --aspect-ratio (H:W), --image-size, --num-sampling-steps, --cfg-scale, --aes, --fps, --seed,
@@ -10,9 +11,6 @@ Flags keep the official scripts/inference.py names (--num-frames with the 2s/4s/
 from three Hub repos; without --ckpt-path/--vae-path/--t5-path the needed files are downloaded into
 checkpoints/<repo name>/. The DiT's and T5's sizes are read from their config.json; the VAE's architecture is
 fixed (its config.json names classes, not sizes), so tests pass a tiny one to `main(argv, vae_config=...)`.
-
-main() runs parse_args (argparse only) -> check_args (no model, one `error:` line each) -> the files ->
-load (heavy imports inside OpenSoraT2V) -> run; sample_wan.py's docstring says where new flags and imports go.
 """
 
 from __future__ import annotations
@@ -20,20 +18,26 @@ from __future__ import annotations
 import argparse
 import os
 import random
-from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
 
 from easycache import checks
-from easycache.cli import add_cache_args, add_output_args, check_run_args, no_grad
-from easycache.report import RunOutputs, slug
-from models.loading import check_checkpoint_files, resolve_checkpoint  # standard library only
-
-if TYPE_CHECKING:
-    from easycache.compare import Generation
-    from models.opensora_vae import OpenSoraVAEConfig
+from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
+from easycache.compare import Generation, generate_and_report
 from easycache.magcache import MagCacheConfig
 from easycache.pab import PAB_OPENSORA
 from easycache.published import MAG_RATIOS
+from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.teacache import COEFFICIENTS, TeaCacheConfig
+from easycache.video import to_uint8_frames
+from models.loading import check_checkpoint_files, resolve_checkpoint
+from models.opensora import HUB_REPO, STDiT3Config, flops_per_call, load_stdit3
+from models.opensora_text import DEFAULT_AES, T5_REPO_ID, OpenSoraTextEncoder
+from models.opensora_vae import OPENSORA_VAE_V1_2, OpenSoraVAE, OpenSoraVAEConfig
+from models.opensora_vae import REPO_ID as VAE_REPO_ID
+from models.parallel import Launch, init_distributed
+from models.solvers import RFEuler, opensora_timesteps
 
 # Official opensora/datasets/aspect.py: aspect ratios are H:W, and each resolution has a hand-tuned
 # (height, width) per ratio (not a formula: e.g. 240p 9:16 is 240x426, 480p 9:16 is 480x854).
@@ -60,14 +64,12 @@ NUM_FRAMES = {"2s": 51, "4s": 102, "8s": 204, "16s": 408, "32s": 816}  # officia
 IMG_FPS = 120  # the fps condition of a single frame (official IMG_FPS)
 T5_FILES = ["config.json", "model.safetensors.index.json", "spiece.model", "tokenizer_config.json",
             "special_tokens_map.json"]  # fmt: skip
-# Hub repos: models.opensora.HUB_REPO, models.opensora_vae.REPO_ID, models.opensora_text.T5_REPO_ID (repeated
-# here so that checking the files needs no models/; a test keeps them equal).
 CHECKPOINTS = {  # flag -> (Hub repo, default folder, files read, download patterns)
-    "ckpt_path": ("hpcai-tech/OpenSora-STDiT-v3", "checkpoints/OpenSora-STDiT-v3",
-                  ["config.json", "model.safetensors"], ["config.json", "model.safetensors"]),
-    "vae_path": ("hpcai-tech/OpenSora-VAE-v1.2", "checkpoints/OpenSora-VAE-v1.2", ["model.safetensors"],
+    "ckpt_path": (HUB_REPO, "checkpoints/OpenSora-STDiT-v3", ["config.json", "model.safetensors"],
+                  ["config.json", "model.safetensors"]),
+    "vae_path": (VAE_REPO_ID, "checkpoints/OpenSora-VAE-v1.2", ["model.safetensors"],
                  ["config.json", "model.safetensors"]),
-    "t5_path": ("DeepFloyd/t5-v1_1-xxl", "checkpoints/t5-v1_1-xxl", T5_FILES,
+    "t5_path": (T5_REPO_ID, "checkpoints/t5-v1_1-xxl", T5_FILES,
                 [*T5_FILES, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
 }  # fmt: skip
 
@@ -93,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="overrides the two above")
     p.add_argument("--num-sampling-steps", type=int, default=30)
     p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale")
-    p.add_argument("--aes", type=float, default=6.5, help="aesthetic score appended to the prompt")
+    p.add_argument("--aes", type=float, default=DEFAULT_AES, help="aesthetic score appended to the prompt")
     p.add_argument("--fps", type=int, default=24, help="frame-rate condition of the DiT and of the video")
     p.add_argument("--seed", type=int, default=42, help="seed; -1 draws one (recorded in the report)")
     p.add_argument("--save-dir", default="outputs", help="folder of the video and its report")
@@ -102,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-path", help="local hpcai-tech/OpenSora-VAE-v1.2 (default: checkpoints/...)")
     p.add_argument("--t5-path", help="local DeepFloyd/t5-v1_1-xxl (default: checkpoints/...)")
     p.add_argument("--t5-cpu", action="store_true", help="run the T5 encoder (fp32, 19 GB) on the CPU")
-    p.add_argument("--device", help="default: cuda if available, else cpu (resolved when loading)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="DiT/VAE dtype (default bf16 on CUDA)")
     # The paper does not publish its OpenSora τ and R. Chosen by a 30-step flow-Euler sweep on the demo model
     # (README, "Defaults of τ and R"): the setting whose PSNR is closest to that of the Wan default (τ 0.05,
@@ -112,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig | None = None) -> list[str]:
+def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[str]:
     """Resolve aliases and tables into args.num_frames / args.image_size; refuse bad input before loading."""
     frames = NUM_FRAMES.get(args.num_frames, args.num_frames)
     try:
@@ -127,7 +129,7 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig | None = 
             "transform counts 5 latent frames per 17 frames)"
         )
     height, width = args.image_size or IMAGE_SIZES[args.resolution][args.aspect_ratio]
-    down = 2 ** (len(vae_config.vae_2d["block_out_channels"]) - 1) if vae_config else 8  # 8: the SDXL VAE
+    down = 2 ** (len(vae_config.vae_2d["block_out_channels"]) - 1)  # 8 for the SDXL VAE
     if min(height, width) < down:
         raise ValueError(
             f"--image-size {height} {width}: height and width must be >= {down} (one latent pixel)"
@@ -150,8 +152,6 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig | None = 
 
 def check_dit_config(folder: str) -> None:
     """The DiT's config.json must give an STDiT3Config the model can be built from (read before loading)."""
-    from models.opensora import STDiT3Config
-
     path = os.path.join(folder, "config.json")
     try:
         STDiT3Config.from_json(path)  # check_checkpoint_files has parsed the JSON already
@@ -175,15 +175,15 @@ def checkpoint_dir(args: argparse.Namespace, flag: str) -> str:
 class OpenSoraT2V:
     """The loaded T5, STDiT3 and VAE, and how to run them once."""
 
-    def __init__(self, paths: dict[str, str], args: argparse.Namespace, vae_config: OpenSoraVAEConfig):
-        import torch  # the heavy imports, after parsing and checking
-
-        from models.opensora import load_stdit3
-        from models.opensora_text import OpenSoraTextEncoder
-        from models.opensora_vae import OpenSoraVAE
-
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.args, self.device = args, torch.device(args.device)
+    def __init__(
+        self,
+        paths: dict[str, str],
+        args: argparse.Namespace,
+        vae_config: OpenSoraVAEConfig,
+        launch: Launch | None = None,
+    ):
+        self.launch = launch or Launch(0, 1, torch.device(args.device))
+        self.args, self.device = args, self.launch.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
         ]  # official: bf16 DiT and VAE, fp32 T5
@@ -196,18 +196,8 @@ class OpenSoraT2V:
             model_max_length=self.dit.config.model_max_length,
         )  # fmt: skip
 
-    @no_grad
+    @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
-        import torch
-        from tqdm import tqdm
-
-        from easycache.cli import make_cache
-        from easycache.compare import Generation
-        from easycache.report import Stopwatch
-        from easycache.video import to_uint8_frames
-        from models.opensora import flops_per_call
-        from models.solvers import RFEuler, opensora_timesteps
-
         args, device = self.args, self.device
         sw = Stopwatch(device)
         with sw.phase("end_to_end"):
@@ -256,9 +246,8 @@ class OpenSoraT2V:
         )
 
 
-def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig | None = None) -> None:
-    """Args: argv: the flags (None: sys.argv); vae_config: the VAE architecture (None: the official v1.2;
-    tests pass a tiny one)."""
+def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig = OPENSORA_VAE_V1_2) -> None:
+    """Args: argv: the flags (None: sys.argv); vae_config: the VAE architecture (tests pass a tiny one)."""
     args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag)
     with checks.refuse_errors(checks.USAGE):  # 2. check the flags: exit 2, nothing loaded
         prompts = check_args(args, vae_config)
@@ -275,18 +264,20 @@ def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig | None 
         for flag, (_, _, files, _) in CHECKPOINTS.items():
             check_checkpoint_files(paths[flag], files)
         check_dit_config(paths["ckpt_path"])
-    with checks.refuse_errors(checks.BAD_FILE):  # 4. load: the heavy imports happen here
-        if vae_config is None:
-            from models.opensora_vae import OPENSORA_VAE_V1_2 as vae_config
-        pipe = OpenSoraT2V(paths, args, vae_config)
-    from easycache.compare import generate_and_report
-    from easycache.report import environment
-
+    # Under torchrun: data parallel over the prompts. Each rank generates every N-th prompt alone (its own
+    # cache: no DiT call spans ranks, so no decision needs sharing) and writes its videos; rank 0 the report.
+    launch = init_distributed(args.device)
+    args.seed = launch.broadcast(args.seed)  # a seed drawn at random: rank 0's for all
+    with checks.refuse_errors(checks.BAD_FILE):  # 4. load
+        pipe = OpenSoraT2V(paths, args, vae_config, launch)
     report = {"script": "sample_opensora.py", "args": vars(args), "environment": environment(pipe.device)}
     report["dit_call"] = "one batched call on [cond; uncond] per computed step"  # Wan's scripts make two
+    report["parallel"] = {"world_size": launch.world_size, "data_parallel": "prompts"}
     label = f"opensora {size} (batched CFG: 1 DiT call per computed step)"
+    shard = (launch.rank, launch.world_size) if launch.world_size > 1 else None
     with checks.refuse_run_errors():  # 5. run
-        generate_and_report(pipe.generate, prompts, args.seed, args, out, report, label)
+        generate_and_report(pipe.generate, prompts, args.seed, args, out, report, label, shard=shard)
+    launch.close()
 
 
 if __name__ == "__main__":

@@ -7,16 +7,17 @@ I2V) -> DiT sampling loop (cache visible) -> VAE -> video + report.
     python sample_wan.py --task t2v-1.3B --size 832*480 --prompt "A cat walks on the grass, realistic style."
     python sample_wan.py --task t2v-1.3B --cache none ...                  # the uncached baseline, same loop
     python sample_wan.py --task t2v-1.3B --compare --prompts prompts.txt   # baseline vs cache: one table row
+    torchrun --nproc_per_node=8 sample_wan.py --task t2v-14B --ulysses_size 8 --dit_fsdp --t5_fsdp  # 8 GPUs
 
 Flags keep the official generate.py names (--task --size --frame_num --sample_steps --sample_shift
---sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu --image); the cache flags
-come from easycache.cli. Without --ckpt_dir the needed files of the task's Hub repo are downloaded into
-checkpoints/.
+--sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu --image --ulysses_size
+--ring_size --dit_fsdp --t5_fsdp); the cache flags come from easycache.cli. Without --ckpt_dir the needed
+files of the task's Hub repo are downloaded into checkpoints/.
 
 main() runs: parse_args -> check_args (every check that needs no model; a refusal is one `error:` line,
 easycache.checks) -> the files (outputs writable, checkpoint headers) -> load -> run. Keep that order when
-adding a flag. (sample_hunyuan.py and sample_opensora.py also import their models only when loading; this
-script still imports them at the top: moving them into WanT2V is the next step.)
+adding a flag. (This script imports its models at the top; moving them into WanT2V, so that --help does not
+wait for them, is the next step.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import random
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from easycache import checks
@@ -40,8 +42,10 @@ from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.teacache import COEFFICIENTS, TeaCacheConfig
 from easycache.video import to_uint8_frames
 from models.fast import add_speed_args, check_speed_args, compile_blocks
+from models.fsdp import shard_model
 from models.loading import check_checkpoint_files, check_shapes, resolve_checkpoint, safetensors_header
 from models.offload import Placement
+from models.parallel import Launch, check_layout, init_distributed, init_sequence_parallel, launch_world_size
 from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
 from models.wan import WAN_CONFIGS, WanConfig, WanModel, flops_per_call, load_wan
 from models.wan_clip import CLIP_FILE, CLIP_TINY, CLIP_VIT_H_14, ClipVisionConfig, WanClipEncoder
@@ -154,6 +158,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dtype", choices=["bf16", "fp16", "fp32"], help="DiT dtype (default bf16 on CUDA, else fp32)"
     )
+    g = p.add_argument_group("multi-GPU (under torchrun; ulysses_size x ring_size = number of processes)")
+    g.add_argument("--ulysses_size", type=int, default=1, help="Ulysses degree (splits the heads)")
+    g.add_argument("--ring_size", type=int, default=1, help="ring-attention degree")
+    g.add_argument("--dit_fsdp", action="store_true", help="shard the DiT's weights over the ranks (FSDP2)")
+    g.add_argument("--t5_fsdp", action="store_true", help="shard the umT5 encoder's weights over the ranks")
     add_cache_args(p, thresh=0.05, warmup=10)  # the paper's Wan2.1 setting
     add_speed_args(p)
     add_output_args(p)
@@ -212,6 +221,7 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         checks.check_seed(args.base_seed, "--base_seed", count=args.num_seeds)
     prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
     check_speed_args(args, args.device, dit_dtype(args))  # --cfg_batch default, --attention installed
+    check_launch(args)
     if args.base_seed == -1:
         args.base_seed = random.randint(0, 2**31 - 1)
     return task, (width, height), prompts
@@ -236,22 +246,54 @@ def dit_dtype(args: argparse.Namespace) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def check_launch(args: argparse.Namespace, num_heads: int | None = None) -> None:
+    """The multi-GPU flags against the torchrun launch (as the official generate.py), and, once the DiT's
+    config is known, the Ulysses head split."""
+    world = launch_world_size()
+    parallel = args.ulysses_size > 1 or args.ring_size > 1
+    if world == 1 and (parallel or args.dit_fsdp or args.t5_fsdp):
+        raise ValueError(
+            "--ulysses_size/--ring_size/--dit_fsdp/--t5_fsdp need several processes: launch with "
+            "torchrun --nproc_per_node=N sample_wan.py ... (ulysses_size x ring_size = N)"
+        )
+    if parallel or num_heads is not None:  # heads unknown yet: check the world size only
+        heads = num_heads or max(args.ulysses_size, 1)
+        check_layout(args.ulysses_size, args.ring_size, world if parallel else 1, heads)
+    if args.t5_fsdp and args.t5_cpu:
+        raise ValueError("--t5_fsdp shards the umT5 encoder over the GPUs; drop --t5_cpu (or --t5_fsdp)")
+    if args.dit_fsdp and args.offload_model:
+        raise ValueError("--offload_model moves the whole DiT; with --dit_fsdp each rank holds 1/N of it")
+
+
 class WanT2V:
     """The loaded components of one task and how to run them once (text-to-video, or image-to-video when the
     task has a CLIP tower)."""
 
-    def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace):
-        self.task, self.args, self.device = task, args, torch.device(args.device)
+    def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace, launch: Launch | None = None):
+        self.launch = launch or Launch(0, 1, torch.device(args.device))
+        self.task, self.args, self.device = task, args, self.launch.device
         dtype = dit_dtype(args)
         t5_device = "cpu" if args.t5_cpu or args.offload_model else self.device  # offload: moved to encode
         t5_dtype = torch.bfloat16 if task.t5 is UMT5_XXL else torch.float32  # official: bf16 umT5
         self.text_encoder = WanTextEncoder.from_checkpoint(
             ckpt_dir, config=task.t5, device=t5_device, dtype=t5_dtype, text_len=task.text_len
         )
+        if args.t5_fsdp:
+            shard_model(self.text_encoder.model, self.text_encoder.model.encoder.block)
+        # FSDP: load on the CPU; fully_shard moves each rank's 1/N to the device (as the official FSDP1 path).
         self.dit = load_wan(
-            ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id,
-            attn_backend=args.attention,
+            ckpt_dir, config=task.dit, device="cpu" if args.dit_fsdp else self.device, dtype=dtype,
+            repo_id=task.repo_id, attn_backend=args.attention,
         )  # fmt: skip
+        if args.dit_fsdp:
+            shard_model(self.dit, self.dit.blocks)
+        self.sp = None  # sequence parallelism: every rank runs each DiT call on 1/N of the tokens
+        if args.ulysses_size * args.ring_size > 1:
+            self.sp = init_sequence_parallel(
+                args.ulysses_size, args.ring_size, device=self.device, dtype=dtype
+            )
+        # Every rank must take every cache decision alike: rank 0's is broadcast (see StepCache).
+        self.decision_group = dist.group.WORLD if self.launch.world_size > 1 else None
         if args.compile:  # the blocks only: the cache decision below stays eager
             compile_blocks(self.dit)
         self.vae = WanVAE.from_checkpoint(
@@ -265,13 +307,25 @@ class WanT2V:
             )
             self.image = load_image(args.image)  # [3, H, W] in [-1, 1]
 
+    def parallel_report(self) -> dict:
+        """The multi-GPU layout, for the report."""
+        a = self.args
+        return {
+            "world_size": self.launch.world_size,
+            "ulysses_size": a.ulysses_size,
+            "ring_size": a.ring_size,
+            "dit_fsdp": a.dit_fsdp,
+            "t5_fsdp": a.t5_fsdp,
+            "attention": self.sp.attn_type if self.sp else None,
+        }
+
     def dit_grid(self, shape) -> tuple[int, int, int]:
         """The DiT's patch grid (f, h, w) for latents of `shape` [B, C, F, H, W]."""
         return tuple(s // p for s, p in zip(shape[2:], self.dit.config.patch_size))
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
-        args, device = self.args, self.device
+        args, device, sp = self.args, self.device, self.sp
         sw, place = Stopwatch(device), Placement()
         t5_visits = args.offload_model and not args.t5_cpu  # official: umT5 goes to the device only to encode
         with sw.phase("end_to_end"):
@@ -300,10 +354,12 @@ class WanT2V:
             sigmas = wan_sigmas(steps, args.sample_shift)
             solver = FlowUniPC(sigmas) if args.sample_solver == "unipc" else FlowEuler(sigmas)
             cost = flops_per_call(self.dit.config, self.dit_grid(latents.shape))  # for the work ratio
-            cache = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist(), cost=cost)
-            calls = 0
-            place.move("sampling", "dit", self.dit, device)
-            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
+            kw = dict(timesteps=solver.timesteps.tolist(), cost=cost, decision_group=self.decision_group)
+            cache, calls = make_cache(cache_cfg, steps, **kw), 0
+            if not args.dit_fsdp:
+                place.move("sampling", "dit", self.dit, device)
+            quiet = args.quiet or not self.launch.is_main
+            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=quiet)):
                 t = t.to(device).expand(1)  # [1]
                 # The cache measures the noisy latent alone (I2V: before the DiT concatenates y to it).
                 if cache is None or cache.should_compute(i, latents):
@@ -314,13 +370,13 @@ class WanT2V:
                         if one_call:  # one batch-2 call on [x; x] with [cond; uncond], split back
                             pair = {k: torch.cat([c] * 2) for k, c in image_cond.items()}  # I2V: same image
                             cond, uncond = self.dit(
-                                torch.cat([latents] * 2), t.expand(2), ctx_pair, **pair
+                                torch.cat([latents] * 2), t.expand(2), ctx_pair, **pair, sp=sp
                             ).chunk(2)
                             v = {"cond": cond, "uncond": uncond}
                         else:  # two calls, as the official generate.py
                             v = {
-                                "cond": self.dit(latents, t, ctx, cache=hc, **image_cond),
-                                "uncond": self.dit(latents, t, ctx_null, cache=hu, **image_cond),
+                                "cond": self.dit(latents, t, ctx, cache=hc, **image_cond, sp=sp),
+                                "uncond": self.dit(latents, t, ctx_null, cache=hu, **image_cond, sp=sp),
                             }
                     checks.check_dit_output(v, i)  # NaN/inf: stop at this step, not at the VAE
                     calls += 1 if one_call else 2  # DiT calls (NFE): a batched call counts once
@@ -332,8 +388,8 @@ class WanT2V:
                 latents = solver.step(noise_pred, i, latents)  # [1, 16, T, h, w] fp32
             if args.offload_model:  # free the device memory the VAE decode needs
                 place.move("vae", "dit", self.dit, "cpu")
-            with sw.phase("vae"):
-                frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
+            with sw.phase("vae"):  # rank 0 alone decodes and writes, as the official multi-GPU run
+                frames = to_uint8_frames(self.vae.decode(latents)) if self.launch.is_main else None
         stats = cache.stats if cache is not None else None
         trace = cache.trace if cache else None
         return Generation(
@@ -375,11 +431,27 @@ def main(argv: list[str] | None = None) -> None:
         )
         check_checkpoint_files(ckpt_dir, files)  # headers: truncated, garbled, refused pickles
         check_dit_header(ckpt_dir, task)
+        dit = task.dit or WanConfig.from_json(os.path.join(ckpt_dir, "config.json"))
+    with checks.refuse_errors(checks.USAGE):  # the parallel layout must fit the DiT's heads
+        check_launch(args, dit.num_heads)
+    launch = init_distributed(args.device)
+    args.base_seed = launch.broadcast(args.base_seed)  # a seed drawn at random: rank 0's for all
     with checks.refuse_errors(checks.BAD_FILE):  # 4. load
-        pipe = WanT2V(task, ckpt_dir, args)
+        pipe = WanT2V(task, ckpt_dir, args, launch)
     report = {"script": "sample_wan.py", "args": vars(args), "environment": environment(pipe.device)}
+    report["parallel"] = pipe.parallel_report()
     with checks.refuse_run_errors():  # 5. run
-        generate_and_report(pipe.generate, prompts, args.base_seed, args, out, report, f"wan {args.task}")
+        generate_and_report(
+            pipe.generate,
+            prompts,
+            args.base_seed,
+            args,
+            out,
+            report,
+            f"wan {args.task}",
+            write=launch.is_main,
+        )
+    launch.close()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import Tensor, nn
 
 from models.attention import attention
 from models.loading import download_command, load_sharded_safetensors, load_strict, require_files
+
+if TYPE_CHECKING:
+    from models.parallel import SequenceParallel
 
 # Width of the open-clip ViT-H/14 features that img_emb projects (fixed in the official MLPProj).
 CLIP_DIM = 1280
@@ -280,13 +284,14 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, freqs: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freqs: Tensor, sp: SequenceParallel | None = None) -> Tensor:
         x = x.to(self.q.weight.dtype)  # [B, L, D] the linears run in the weight dtype (autocast upstream)
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh] fp32
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh] fp32
         v = self.v(x).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh]
         q, k = rope_apply(q, freqs).to(v.dtype), rope_apply(k, freqs).to(v.dtype)  # [B, L, N, Dh]
-        out = attention(q, k, v, backend=self.attn_backend)  # [B, L, N, Dh]
+        # Sequence parallel: L is this rank's tokens, and the keys of every rank take part (Ulysses/ring).
+        out = attention(q, k, v, backend=self.attn_backend) if sp is None else sp.attention(q, k, v)
         return self.o(out.flatten(-2).to(self.o.weight.dtype))  # [B, L, D]
 
 
@@ -346,14 +351,21 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(
-        self, x: Tensor, e0: Tensor, freqs: Tensor, context: Tensor, context_img: Tensor | None, pab=None
+        self,
+        x: Tensor,
+        e0: Tensor,
+        freqs: Tensor,
+        context: Tensor,
+        context_img: Tensor | None,
+        pab=None,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
         """`pab`: optional attention broadcast (easycache.pab): `pab(kind, attn, *args)` runs or reuses it."""
         mod = self.modulation.float() + e0  # [B, 6, D] fp32
         # Order: shift, scale, gate of the self-attention, then shift, scale, gate of the FFN.
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)  # [B, 1, D] each
         h = self.norm1(x).float() * (1 + scale1) + shift1  # [B, L, D]
-        y = self.self_attn(h, freqs) if pab is None else pab("spatial", self.self_attn, h, freqs)  # [B, L, D]
+        y = self.self_attn(h, freqs, sp) if pab is None else pab("spatial", self.self_attn, h, freqs, sp)
         x = x + y * gate1  # [B, L, D] fp32 from here on (upstream: fp32 gate, fp32 residual)
         h = self.norm3(x)  # [B, L, D]
         y = (
@@ -436,11 +448,15 @@ class WanModel(nn.Module):
         clip_fea: Tensor | None = None,
         y: Tensor | None = None,
         cache=None,
+        *,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
         """x [B, C, F, H, W] noisy latents, t [B] timesteps in [0, 1000), context [B, L<=text_len, text_dim]
         (rows past each prompt's length zero), i2v: clip_fea [B, I, 1280], y [B, C_y, F, H, W].
         `cache`: optional hook of one call (easycache.hooks: TeaCache, MagCache, PAB); None = the plain DiT.
-        Returns the flow prediction [B, out_dim, F, H, W] in fp32."""
+        sp: sequence parallelism (models.parallel): every rank passes the same full inputs, runs the blocks
+        on 1/P of the tokens and gets the same full output. Returns the flow prediction [B, out_dim, F, H,
+        W] in fp32."""
         self._check_inputs(x, t, context, clip_fea, y)
         cfg = self.config
         if y is not None:
@@ -450,6 +466,8 @@ class WanModel(nn.Module):
         # rearrange may return a strided view here; a channel-major residual stream slows every op after it.
         x = rearrange(x, "b d f h w -> b (f h w) d").contiguous()  # [B, L, D]
         freqs = rope_freqs((f, h, w), cfg.head_dim, x.device)  # [L, 1, Dh/2] complex128
+        if sp is not None:
+            x, freqs = shard_tokens(x, freqs, sp)  # [B, L'/P, D], [L'/P, 1, Dh/2]
 
         e = self.time_embedding(sinusoidal_embedding_1d(cfg.freq_dim, t).float())  # [B, D] fp32
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))  # [B, 6, D] fp32
@@ -468,10 +486,12 @@ class WanModel(nn.Module):
             x_in = x
             for i, block in enumerate(self.blocks):
                 pab = cache.attention(i) if cache is not None else None
-                x = block(x, e0, freqs, context, context_img, pab)  # [B, L, D] fp32
+                x = block(x, e0, freqs, context, context_img, pab, sp)  # [B, L, D] fp32
             if cache is not None:
                 cache.store_blocks(x_in, x)
         x = self.head(x, e)  # [B, L, P] fp32
+        if sp is not None:  # the head is per token: gather its (smaller) output, as upstream
+            x = sp.gather(x, dim=1)[:, : f * h * w]  # [B, L, P], the padding dropped
         pt, ph, pw = cfg.patch_size
         # The head's output channels are ordered (pt, ph, pw, c), c innermost, as upstream.
         return rearrange(
@@ -517,6 +537,16 @@ class WanModel(nn.Module):
         channels = x.shape[1] + (0 if y is None else y.shape[1])
         if channels != cfg.in_dim:
             raise ValueError(f"x (+ y) has {channels} channels, the model expects in_dim={cfg.in_dim}")
+
+
+def shard_tokens(x: Tensor, freqs: Tensor, sp: SequenceParallel) -> tuple[Tensor, Tensor]:
+    """This rank's chunk of the token sequence and its RoPE rotations, as the official
+    xdit_context_parallel: the sequence is zero-padded to a multiple of P (the padded tokens take part in
+    attention there as well; the official sizes never need it) and the padded rotations are the identity."""
+    length = sp.padded_length(x.shape[1])
+    x = F.pad(x, (0, 0, 0, length - x.shape[1]))  # [B, L', D]
+    identity = torch.ones(length - freqs.shape[0], *freqs.shape[1:], dtype=freqs.dtype, device=freqs.device)
+    return sp.split(x, dim=1), sp.split(torch.cat([freqs, identity]), dim=0)  # [B, L'/P, D], [L'/P, 1, Dh/2]
 
 
 def flops_per_call(config: WanConfig, grid: tuple[int, int, int], batch: int = 1) -> dict[str, float]:
@@ -608,9 +638,12 @@ def load_wan(
     with torch.device("meta"):
         model = WanModel(config, attn_backend)
     keep = fp32_island_keys(model)
-    state = load_sharded_safetensors(ckpt_dir, WEIGHTS)
-    for k in list(state):  # cast key by key so that at most one extra tensor is alive at a time
-        state[k] = state[k].to(torch.float32 if k in keep else dtype)
+    # Cast each tensor as it is read, into memory of its own (copy=True: a tensor left viewing the memory
+    # map, e.g. an fp32 island, would keep every shard's pages mapped): the peak is the cast model plus one
+    # shard (benchmarks/loader_memory.py), not the whole fp32 state next to its cast copy.
+    state = load_sharded_safetensors(
+        ckpt_dir, WEIGHTS, cast=lambda k, t: t.to(torch.float32 if k in keep else dtype, copy=True)
+    )
     load_strict(model, state, source=ckpt_dir)
     return model.to(device).eval()
 
