@@ -4,6 +4,7 @@
     python sample_hunyuan.py --video-size 720 1280 --flow-reverse --use-cpu-offload --save-path ./results
     python sample_hunyuan.py --cache none ...                             # the uncached baseline, same loop
     python sample_hunyuan.py --compare --prompts prompts.txt              # baseline vs cache: one table row
+    torchrun --nproc_per_node=8 sample_hunyuan.py --video-size 720 1280 --ulysses-degree 8 --ring-degree 1
 
 Flags keep the names of the official sample_video.py (hyvideo/config.py); the cache flags come from
 easycache.cli. Without --model-base only the needed files are downloaded into checkpoints/HunyuanVideo: the
@@ -20,6 +21,7 @@ import sys
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
@@ -29,6 +31,7 @@ from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.teacache import COEFFICIENTS, TeaCacheConfig
 from easycache.video import to_uint8_frames
+from models.fast import add_speed_args, check_speed_args, compile_blocks
 from models.hunyuan import (
     CKPT_FILE,
     HUNYUAN_CONFIGS,
@@ -42,6 +45,8 @@ from models.hunyuan_text import HUB_REPO as PARTS_REPO
 from models.hunyuan_text import HunyuanTextEncoders
 from models.hunyuan_vae import HunyuanVAE, latent_shape
 from models.loading import resolve_checkpoint
+from models.offload import Placement
+from models.parallel import Launch, check_layout, init_distributed, init_sequence_parallel, launch_world_size
 from models.solvers import FlowEuler, hunyuan_sigmas
 
 # The official NEGATIVE_PROMPT (hyvideo/constants.py); only used with --cfg-scale > 1, as there.
@@ -95,11 +100,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dit-config", help="JSON of HunyuanVideoConfig fields: a non-release DiT (tests)")
     p.add_argument("--save-path", default="outputs", help="output folder (official), or a .mp4 path")
     p.add_argument("--use-cpu-offload", action="store_true", help="text encoders, DiT on the CPU when idle")
+    p.add_argument("--ulysses-degree", type=int, default=1, help="torchrun: Ulysses degree (splits heads)")
+    p.add_argument("--ring-degree", type=int, default=1, help="torchrun: ring-attention degree")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=DTYPES, help="DiT dtype (official bf16; CPU default fp32)")
     p.add_argument("--vae-precision", choices=DTYPES, help="VAE dtype (official fp16; CPU default fp32)")
     p.add_argument("--text-encoder-precision", choices=DTYPES, help="LLM, CLIP (official fp16; CPU fp32)")
     add_cache_args(p, thresh=0.025, warmup=5, defaults=BASELINES)  # the authors' HunyuanVideo setting
+    add_speed_args(p)  # --cfg-batch matters only with true CFG (--cfg-scale > 1)
     add_output_args(p)
     return p.parse_args(argv)
 
@@ -144,9 +152,36 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
     if args.model_base is not None and not os.path.isdir(args.model_base):
         raise FileNotFoundError(f"--model-base {args.model_base} is not a directory")
     prompts = check_run_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    cuda = torch.device(args.device).type == "cuda"
+    check_speed_args(args, args.device, DTYPES[args.precision or ("bf16" if cuda else "fp32")])
     if args.seed is None:
         args.seed = random.randint(0, 1_000_000)
-    return task, read_dit_config(args.dit_config) if args.dit_config else task.dit, prompts
+    dit = read_dit_config(args.dit_config) if args.dit_config else task.dit
+    check_launch(args, dit)
+    return task, dit, prompts
+
+
+def check_launch(args: argparse.Namespace, dit: HunyuanVideoConfig) -> None:
+    """The sequence-parallel flags against the torchrun launch, the heads and the video size (the official
+    parallel forward splits the latent's patch rows, else its columns, over ulysses x ring ranks)."""
+    u, r, world = args.ulysses_degree, args.ring_degree, launch_world_size()
+    if u * r == 1:
+        return
+    if world == 1:
+        raise ValueError(
+            "--ulysses-degree/--ring-degree need several processes: launch with torchrun "
+            "--nproc_per_node=N sample_hunyuan.py ... (ulysses x ring degree = N)"
+        )
+    check_layout(u, r, world, dit.heads_num)
+    rows, cols = (s // (8 * p) for s, p in zip(args.video_size, dit.patch_size[1:]))  # VAE 8x, patch
+    if rows % world and cols % world:
+        raise ValueError(
+            f"--video-size {args.video_size[0]} {args.video_size[1]} gives a {rows}x{cols} patch grid that "
+            f"splits over {world} ranks neither by rows nor by columns; use a height or width that is a "
+            f"multiple of {16 * world}"
+        )
+    if args.use_cpu_offload:  # as the official sample_video.py
+        raise ValueError("--use-cpu-offload cannot be combined with --ulysses-degree/--ring-degree")
 
 
 def read_dit_config(path: str) -> HunyuanVideoConfig:
@@ -185,8 +220,16 @@ def resolve_files(args: argparse.Namespace, task: Task) -> tuple[str, str]:
 class HunyuanT2V:
     """The loaded components and how to run them once."""
 
-    def __init__(self, dit_weight: str, model_base: str, dit_config: HunyuanVideoConfig, args):
-        self.args, self.device = args, torch.device(args.device)
+    def __init__(
+        self,
+        dit_weight: str,
+        model_base: str,
+        dit_config: HunyuanVideoConfig,
+        args,
+        launch: Launch | None = None,
+    ):
+        self.launch = launch or Launch(0, 1, torch.device(args.device))
+        self.args, self.device = args, self.launch.device
         cuda = self.device.type == "cuda"  # official dtypes on GPUs; fp16 matmuls crawl on CPUs
         self.dtype = DTYPES[args.precision or ("bf16" if cuda else "fp32")]
         self.text_dtype = DTYPES[args.text_encoder_precision or ("fp16" if cuda else "fp32")]
@@ -195,9 +238,28 @@ class HunyuanT2V:
             model_base, device=self.device, dtype=self.text_dtype, offload=offload
         )
         home = "cpu" if offload else self.device
-        self.dit = load_hunyuan(dit_weight, config=dit_config, device=home, dtype=self.dtype)
+        self.dit = load_hunyuan(
+            dit_weight, config=dit_config, device=home, dtype=self.dtype, attn_backend=args.attention
+        )
+        if args.compile:  # the blocks only: the cache decision below stays eager
+            compile_blocks(self.dit)
         vae_dtype = DTYPES[args.vae_precision or ("fp16" if cuda else "fp32")]
         self.vae = HunyuanVAE.from_pretrained(f"{model_base}/vae", device=self.device, dtype=vae_dtype)
+        self.sp = None  # sequence parallelism: each rank embeds 1/N of the latent's rows, text on every rank
+        if args.ulysses_degree * args.ring_degree > 1:
+            u, r = args.ulysses_degree, args.ring_degree
+            self.sp = init_sequence_parallel(u, r, device=self.device, dtype=self.dtype)
+        # Every rank must take every cache decision alike: rank 0's is broadcast (see StepCache).
+        self.decision_group = dist.group.WORLD if self.launch.world_size > 1 else None
+
+    def parallel_report(self) -> dict:
+        """The multi-GPU layout, for the report."""
+        return {
+            "world_size": self.launch.world_size,
+            "ulysses_degree": self.args.ulysses_degree,
+            "ring_degree": self.args.ring_degree,
+            "attention": self.sp.attn_type if self.sp else None,
+        }
 
     def encode(self, prompt: str) -> dict[str, tuple]:
         """Named branches -> (text_states [1, L, Dt], text_mask [1, L], text_states_2 [1, Dp]): "cond", and
@@ -208,11 +270,14 @@ class HunyuanT2V:
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
-        args, device, cfg = self.args, self.device, self.dit.config
-        sw = Stopwatch(device)
+        args, device, cfg, sp = self.args, self.device, self.dit.config, self.sp
+        sw, place = Stopwatch(device), Placement()
         with sw.phase("end_to_end"):
             with sw.phase("text"):
                 text = self.encode(prompt)
+                batched = args.cfg_batch and len(text) == 2  # true CFG as one batch-2 call, as the official
+                if batched:  # the LLM pads every prompt to 256 tokens, so the branches stack: [2, ...] each
+                    text_pair = tuple(torch.cat(parts) for parts in zip(text["cond"], text["uncond"]))
             shape = (1, cfg.in_channels, *latent_shape(args.video_length, *args.video_size))  # B C T h w
             g = torch.Generator(device).manual_seed(seed)
             # As the official: noise drawn in the text dtype (fp16); the solver keeps the latents in fp32.
@@ -225,17 +290,27 @@ class HunyuanT2V:
             solver = FlowEuler(hunyuan_sigmas(steps, args.flow_shift))
             grid = tuple(s // p for s, p in zip(shape[2:], cfg.patch_size))  # the DiT's patch grid
             cost = flops_per_call(cfg, grid, text_len=text["cond"][0].shape[1])  # for the work ratio
-            cache = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist(), cost=cost)
+            kw = dict(timesteps=solver.timesteps.tolist(), cost=cost, decision_group=self.decision_group)
+            cache = make_cache(cache_cfg, steps, **kw)
             calls = 0
-            self.dit.to(device)
-            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
+            place.move("sampling", "dit", self.dit, device)
+            quiet = args.quiet or not self.launch.is_main
+            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=quiet)):
                 t = t.to(device).expand(1)  # [1] float σ·1000
                 if cache is None or cache.should_compute(i, latents):
-                    with sw.phase("dit"):  # one DiT call per branch (the official batches CFG's two)
+                    with sw.phase("dit"):
                         # TeaCache, MagCache and PAB act inside the DiT through one hook per call (else None).
                         hooks = {k: cache.hook(k) if cache is not None else None for k in text}
-                        v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k]) for k in text}
-                    calls += len(v)
+                        one_call = batched and all(h is None for h in hooks.values())  # hooks are per branch
+                        if one_call:  # one batch-2 call on [x; x] with [cond; uncond], split back
+                            g2 = None if g_in is None else g_in.expand(2)
+                            cond, uncond = self.dit(
+                                torch.cat([latents] * 2), t.expand(2), *text_pair, g2, sp=sp
+                            ).chunk(2)
+                            v = {"cond": cond, "uncond": uncond}
+                        else:  # one call per branch
+                            v = {k: self.dit(latents, t, *text[k], g_in, cache=hooks[k], sp=sp) for k in text}
+                    calls += 1 if one_call else len(v)  # DiT calls (NFE): a batched call counts once
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
@@ -245,13 +320,13 @@ class HunyuanT2V:
                     noise_pred = v["uncond"] + args.cfg_scale * (v["cond"] - v["uncond"])
                 latents = solver.step(noise_pred, i, latents)  # [1, C, T, h, w] fp32
             if args.use_cpu_offload:  # free the device memory the VAE decode needs
-                self.dit.to("cpu")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                place.move("vae", "dit", self.dit, "cpu")
             with sw.phase("vae"):  # official tiling: 256-pixel, 64-frame tiles
-                frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
+                frames = to_uint8_frames(self.vae.decode(latents)) if self.launch.is_main else None  # rank 0
         stats, trace = (cache.stats, cache.trace) if cache is not None else (None, None)
-        return Generation(frames, latents.cpu(), dict(sw.seconds), calls, stats, trace)
+        return Generation(
+            frames, latents.cpu(), dict(sw.seconds), calls, stats, trace, {"placement": place.moves}
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,9 +340,14 @@ def main(argv: list[str] | None = None) -> None:
         check_parts(model_base, dit_config)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    pipe = HunyuanT2V(dit_weight, model_base, dit_config, args)
+    launch = init_distributed(args.device)
+    args.seed = launch.broadcast(args.seed)  # a seed drawn at random: rank 0's for all
+    pipe = HunyuanT2V(dit_weight, model_base, dit_config, args, launch)
     report = {"script": "sample_hunyuan.py", "args": vars(args), "environment": environment(pipe.device)}
-    generate_and_report(pipe.generate, prompts, args.seed, args, out, report, f"hunyuan {args.task}")
+    report["parallel"] = pipe.parallel_report()
+    label = f"hunyuan {args.task}"
+    generate_and_report(pipe.generate, prompts, args.seed, args, out, report, label, write=launch.is_main)
+    launch.close()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python sample_opensora.py --num-frames 4s --resolution 720p --prompt "a beautiful waterfall"
     python sample_opensora.py --resolution 480p --cache none ...                # the baseline, same loop
     python sample_opensora.py --resolution 480p --compare --prompts prompts.txt  # baseline vs cache
+    torchrun --nproc_per_node=8 sample_opensora.py --prompts prompts.txt   # the prompts split over 8 GPUs
 
 Flags keep the official scripts/inference.py names (--num-frames with the 2s/4s/8s/16s aliases,
 --resolution, --aspect-ratio (H:W), --image-size, --num-sampling-steps, --cfg-scale, --aes, --fps, --seed,
@@ -35,6 +36,7 @@ from models.opensora import HUB_REPO, flops_per_call, load_stdit3
 from models.opensora_text import DEFAULT_AES, T5_REPO_ID, OpenSoraTextEncoder
 from models.opensora_vae import OPENSORA_VAE_V1_2, OpenSoraVAE, OpenSoraVAEConfig
 from models.opensora_vae import REPO_ID as VAE_REPO_ID
+from models.parallel import Launch, init_distributed
 from models.solvers import RFEuler, opensora_timesteps
 
 # Official opensora/datasets/aspect.py: aspect ratios are H:W, and each resolution has a hand-tuned
@@ -159,8 +161,15 @@ def checkpoint_dir(args: argparse.Namespace, flag: str) -> str:
 class OpenSoraT2V:
     """The loaded T5, STDiT3 and VAE, and how to run them once."""
 
-    def __init__(self, paths: dict[str, str], args: argparse.Namespace, vae_config: OpenSoraVAEConfig):
-        self.args, self.device = args, torch.device(args.device)
+    def __init__(
+        self,
+        paths: dict[str, str],
+        args: argparse.Namespace,
+        vae_config: OpenSoraVAEConfig,
+        launch: Launch | None = None,
+    ):
+        self.launch = launch or Launch(0, 1, torch.device(args.device))
+        self.args, self.device = args, self.launch.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
         ]  # official: bf16 DiT and VAE, fp32 T5
@@ -234,11 +243,18 @@ def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig = OPENS
         paths = {flag: checkpoint_dir(args, flag) for flag in CHECKPOINTS}
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    pipe = OpenSoraT2V(paths, args, vae_config)
+    # Under torchrun: data parallel over the prompts. Each rank generates every N-th prompt alone (its own
+    # cache: no DiT call spans ranks, so no decision needs sharing) and writes its videos; rank 0 the report.
+    launch = init_distributed(args.device)
+    args.seed = launch.broadcast(args.seed)  # a seed drawn at random: rank 0's for all
+    pipe = OpenSoraT2V(paths, args, vae_config, launch)
     report = {"script": "sample_opensora.py", "args": vars(args), "environment": environment(pipe.device)}
     report["dit_call"] = "one batched call on [cond; uncond] per computed step"  # Wan's scripts make two
+    report["parallel"] = {"world_size": launch.world_size, "data_parallel": "prompts"}
     label = f"opensora {size} (batched CFG: 1 DiT call per computed step)"
-    generate_and_report(pipe.generate, prompts, args.seed, args, out, report, label)
+    shard = (launch.rank, launch.world_size) if launch.world_size > 1 else None
+    generate_and_report(pipe.generate, prompts, args.seed, args, out, report, label, shard=shard)
+    launch.close()
 
 
 if __name__ == "__main__":

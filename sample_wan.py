@@ -1,24 +1,31 @@
-"""Wan2.1 text-to-video with EasyCache: umT5 -> DiT sampling loop (cache visible) -> VAE -> video + report.
+"""Wan2.1 text-to-video and image-to-video with EasyCache: umT5 (+ CLIP and the first frame's latent for
+I2V) -> DiT sampling loop (cache visible) -> VAE -> video + report.
 
     python sample_wan.py --task tiny --prompt "a red circle moving right on a blue background"
+    python sample_wan.py --task i2v-tiny --image first.png --prompt "a green square moving up on a black ..."
+    python sample_wan.py --task i2v-14B --size 832*480 --image cat.jpg --prompt "..."  # 480P weights, shift 3
     python sample_wan.py --task t2v-1.3B --size 832*480 --prompt "A cat walks on the grass, realistic style."
     python sample_wan.py --task t2v-1.3B --cache none ...                  # the uncached baseline, same loop
     python sample_wan.py --task t2v-1.3B --compare --prompts prompts.txt   # baseline vs cache: one table row
+    torchrun --nproc_per_node=8 sample_wan.py --task t2v-14B --ulysses_size 8 --dit_fsdp --t5_fsdp  # 8 GPUs
 
 Flags keep the official generate.py names (--task --size --frame_num --sample_steps --sample_shift
---sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu); the cache flags come from
-easycache.cli. Without --ckpt_dir the needed files of the task's Hub repo are downloaded into checkpoints/.
+--sample_guide_scale --base_seed --ckpt_dir --save_file --offload_model --t5_cpu --image --ulysses_size
+--ring_size --dit_fsdp --t5_fsdp); the cache flags come from easycache.cli. Without --ckpt_dir the needed
+files of the task's Hub repo are downloaded into checkpoints/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
@@ -29,9 +36,15 @@ from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
 from easycache.teacache import COEFFICIENTS, TeaCacheConfig
 from easycache.video import to_uint8_frames
+from models.fast import add_speed_args, check_speed_args, compile_blocks
+from models.fsdp import shard_model
 from models.loading import resolve_checkpoint
+from models.offload import Placement
+from models.parallel import Launch, check_layout, init_distributed, init_sequence_parallel, launch_world_size
 from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
 from models.wan import WAN_CONFIGS, WanConfig, flops_per_call, load_wan
+from models.wan_clip import CLIP_FILE, CLIP_TINY, CLIP_VIT_H_14, ClipVisionConfig, WanClipEncoder
+from models.wan_i2v import encode_condition, load_image, max_area_of
 from models.wan_t5 import UMT5_TINY, UMT5_XXL, WAN_NEGATIVE_PROMPT, WanT5Config, WanTextEncoder, pad_context
 from models.wan_vae import WAN_VAE_CONFIG, WAN_VAE_FILE, WAN_VAE_TINY, WanVAE, WanVAEConfig
 
@@ -62,9 +75,18 @@ class Task:
     teacache: TeaCacheConfig = TeaCacheConfig()
     magcache: MagCacheConfig = field(default_factory=MagCacheConfig)
     calibration: str | None = None  # a JSON of easycache.calibrate: its coefficients and ratios as defaults
+    clip: ClipVisionConfig | None = None  # image-to-video: the CLIP image tower (None: text-to-video)
+    sample_shift_480p: float | None = None  # official i2v: shift 3.0 at 832*480 / 480*832 (5.0 otherwise)
 
 
 _WAN_FILES = ["models_t5_umt5-xxl-enc-bf16.pth", WAN_VAE_FILE, "google/umt5-xxl/tokenizer_config.json"]
+_I2V_PROMPT = (  # the official example prompt of i2v-14B (for its examples/i2v_input.JPG)
+    "Summer beach vacation style, a white cat wearing sunglasses sits on a surfboard. The fluffy-furred "
+    "feline gazes directly at the camera with a relaxed expression. Blurred beach scenery forms the "
+    "background featuring crystal-clear waters, distant green hills, and a blue sky dotted with white "
+    "clouds. The cat assumes a naturally relaxed posture, as if savoring the sea breeze and warm sunlight. "
+    "A close-up shot highlights the feline's intricate details and the refreshing atmosphere of the seaside."
+)
 TASKS = {
     "t2v-1.3B": Task(
         "Wan-AI/Wan2.1-T2V-1.3B", "checkpoints/Wan2.1-T2V-1.3B", WAN_CONFIGS["t2v-1.3B"], UMT5_XXL,
@@ -84,7 +106,24 @@ TASKS = {
         prompt="a red circle moving right on a blue background",
         teacache=TeaCacheConfig(rel_l1_thresh=0.05), calibration="checkpoints/wan-tiny/calibration.json",
     ),
+    # Image-to-video (official image2video.py): the 720P weights by default, the 480P ones at 480p sizes
+    # (I2V_480P); --size is the pixel budget, the video keeps the image's aspect ratio.
+    "i2v-14B": Task(
+        "Wan-AI/Wan2.1-I2V-14B-720P", "checkpoints/Wan2.1-I2V-14B-720P", WAN_CONFIGS["i2v-14B-720P"],
+        UMT5_XXL, WAN_VAE_CONFIG, sizes=("1280*720", "720*1280", "832*480", "480*832"), sample_steps=40,
+        negative_prompt="镜头晃动，" + WAN_NEGATIVE_PROMPT, prompt=_I2V_PROMPT,
+        weights="diffusion_pytorch_model.safetensors.index.json", clip=CLIP_VIT_H_14, sample_shift_480p=3.0,
+    ),
+    # The I2V demo model (train_wan_tiny_i2v.py): the tiny T2V model fine-tuned on first frames.
+    "i2v-tiny": Task(
+        None, "checkpoints/wan-i2v-tiny", None, UMT5_TINY, WAN_VAE_TINY, sizes=("64*64",), frame_num=17,
+        sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
+        prompt="a green square moving up on a black background", clip=CLIP_TINY,
+    ),
 }  # fmt: skip
+I2V_480P = dataclasses.replace(
+    TASKS["i2v-14B"], repo_id="Wan-AI/Wan2.1-I2V-14B-480P", ckpt_dir="checkpoints/Wan2.1-I2V-14B-480P"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample_guide_scale", type=float, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--sample_solver", choices=["unipc", "euler"], default="unipc")
     p.add_argument("--prompt", help="the prompt (default: the task's example prompt)")
+    p.add_argument("--image", help="i2v tasks: the first frame (any size; --size is its pixel budget)")
     p.add_argument("--negative_prompt", help="default: the official negative prompt (tiny: empty)")
     p.add_argument("--base_seed", type=int, default=-1, help="seed; -1 draws one (recorded in the report)")
     p.add_argument("--ckpt_dir", help="local checkpoint folder (default: the task's folder in checkpoints/)")
@@ -104,14 +144,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--save_file", help="output .mp4 (default: outputs/wan_<task>_<cache>_<prompt>_<seed>.mp4)"
     )
     p.add_argument(
-        "--offload_model", action="store_true", help="move the DiT to the CPU while the VAE decodes"
+        "--offload_model",
+        action="store_true",
+        help="umT5 waits on the CPU except while it encodes; the DiT moves to the CPU while the VAE decodes",
     )
     p.add_argument("--t5_cpu", action="store_true", help="keep the umT5 encoder on the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--dtype", choices=["bf16", "fp16", "fp32"], help="DiT dtype (default bf16 on CUDA, else fp32)"
     )
+    g = p.add_argument_group("multi-GPU (under torchrun; ulysses_size x ring_size = number of processes)")
+    g.add_argument("--ulysses_size", type=int, default=1, help="Ulysses degree (splits the heads)")
+    g.add_argument("--ring_size", type=int, default=1, help="ring-attention degree")
+    g.add_argument("--dit_fsdp", action="store_true", help="shard the DiT's weights over the ranks (FSDP2)")
+    g.add_argument("--t5_fsdp", action="store_true", help="shard the umT5 encoder's weights over the ranks")
     add_cache_args(p, thresh=0.05, warmup=10)  # the paper's Wan2.1 setting
+    add_speed_args(p)
     add_output_args(p)
     return p.parse_args(argv)
 
@@ -119,6 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[str]]:
     """Fill task defaults and refuse bad input before anything heavy is loaded."""
     task = TASKS[args.task]
+    if task.clip is not None:
+        check_image_args(args, task)
+        if args.size in ("832*480", "480*832") and task.sample_shift_480p is not None:
+            task = I2V_480P  # the official 480P checkpoint and shift 3.0, as generate.py
+            args.sample_shift = task.sample_shift_480p if args.sample_shift is None else args.sample_shift
+    elif args.image is not None:
+        raise ValueError(f"--image is for the image-to-video tasks (i2v-14B, i2v-tiny), not {args.task}")
     for name in (
         "frame_num",
         "sample_steps",
@@ -153,28 +208,104 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         magcache = replace(magcache, mag_ratios=parse_value(MagCacheConfig, "mag_ratios", task.calibration))
     args.method_defaults = {"teacache": teacache, "magcache": magcache, **args.method_defaults}
     prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    check_speed_args(args, args.device, dit_dtype(args))  # --cfg_batch default, --attention installed
+    check_launch(args)
     if args.base_seed < 0:
         args.base_seed = random.randint(0, 2**31 - 1)
     return task, (width, height), prompts
 
 
-class WanT2V:
-    """The loaded components of one task and how to run them once."""
+def check_image_args(args: argparse.Namespace, task: Task) -> None:
+    """An i2v task needs a readable --image; checked (opened and decoded) before any model loads."""
+    if args.image is None:
+        raise ValueError(f"--task {args.task} animates an image: pass --image FILE (png, jpg, ...)")
+    if not os.path.isfile(args.image):
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    try:
+        image = load_image(args.image)
+    except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
+        raise ValueError(f"--image {args.image} is not a readable image ({type(e).__name__}: {e})") from None
+    if min(image.shape[1:]) < 1:
+        raise ValueError(f"--image {args.image} is empty")
 
-    def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace):
-        self.task, self.args, self.device = task, args, torch.device(args.device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
-        ]
-        t5_device = "cpu" if args.t5_cpu else self.device
+
+def dit_dtype(args: argparse.Namespace) -> torch.dtype:
+    name = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def check_launch(args: argparse.Namespace, num_heads: int | None = None) -> None:
+    """The multi-GPU flags against the torchrun launch (as the official generate.py), and, once the DiT's
+    config is known, the Ulysses head split."""
+    world = launch_world_size()
+    parallel = args.ulysses_size > 1 or args.ring_size > 1
+    if world == 1 and (parallel or args.dit_fsdp or args.t5_fsdp):
+        raise ValueError(
+            "--ulysses_size/--ring_size/--dit_fsdp/--t5_fsdp need several processes: launch with "
+            "torchrun --nproc_per_node=N sample_wan.py ... (ulysses_size x ring_size = N)"
+        )
+    if parallel or num_heads is not None:  # heads unknown yet: check the world size only
+        heads = num_heads or max(args.ulysses_size, 1)
+        check_layout(args.ulysses_size, args.ring_size, world if parallel else 1, heads)
+    if args.t5_fsdp and args.t5_cpu:
+        raise ValueError("--t5_fsdp shards the umT5 encoder over the GPUs; drop --t5_cpu (or --t5_fsdp)")
+    if args.dit_fsdp and args.offload_model:
+        raise ValueError("--offload_model moves the whole DiT; with --dit_fsdp each rank holds 1/N of it")
+
+
+class WanT2V:
+    """The loaded components of one task and how to run them once (text-to-video, or image-to-video when the
+    task has a CLIP tower)."""
+
+    def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace, launch: Launch | None = None):
+        self.launch = launch or Launch(0, 1, torch.device(args.device))
+        self.task, self.args, self.device = task, args, self.launch.device
+        dtype = dit_dtype(args)
+        t5_device = "cpu" if args.t5_cpu or args.offload_model else self.device  # offload: moved to encode
         t5_dtype = torch.bfloat16 if task.t5 is UMT5_XXL else torch.float32  # official: bf16 umT5
         self.text_encoder = WanTextEncoder.from_checkpoint(
             ckpt_dir, config=task.t5, device=t5_device, dtype=t5_dtype, text_len=task.text_len
         )
-        self.dit = load_wan(ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id)
+        if args.t5_fsdp:
+            shard_model(self.text_encoder.model, self.text_encoder.model.encoder.block)
+        # FSDP: load on the CPU; fully_shard moves each rank's 1/N to the device (as the official FSDP1 path).
+        self.dit = load_wan(
+            ckpt_dir, config=task.dit, device="cpu" if args.dit_fsdp else self.device, dtype=dtype,
+            repo_id=task.repo_id, attn_backend=args.attention,
+        )  # fmt: skip
+        if args.dit_fsdp:
+            shard_model(self.dit, self.dit.blocks)
+        self.sp = None  # sequence parallelism: every rank runs each DiT call on 1/N of the tokens
+        if args.ulysses_size * args.ring_size > 1:
+            self.sp = init_sequence_parallel(
+                args.ulysses_size, args.ring_size, device=self.device, dtype=dtype
+            )
+        # Every rank must take every cache decision alike: rank 0's is broadcast (see StepCache).
+        self.decision_group = dist.group.WORLD if self.launch.world_size > 1 else None
+        if args.compile:  # the blocks only: the cache decision below stays eager
+            compile_blocks(self.dit)
         self.vae = WanVAE.from_checkpoint(
             os.path.join(ckpt_dir, WAN_VAE_FILE), config=task.vae, device=self.device
         )
+        self.clip = None
+        if task.clip is not None:  # official: the CLIP tower in fp16 on the GPU
+            clip_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            self.clip = WanClipEncoder.from_checkpoint(
+                os.path.join(ckpt_dir, CLIP_FILE), config=task.clip, device=self.device, dtype=clip_dtype
+            )
+            self.image = load_image(args.image)  # [3, H, W] in [-1, 1]
+
+    def parallel_report(self) -> dict:
+        """The multi-GPU layout, for the report."""
+        a = self.args
+        return {
+            "world_size": self.launch.world_size,
+            "ulysses_size": a.ulysses_size,
+            "ring_size": a.ring_size,
+            "dit_fsdp": a.dit_fsdp,
+            "t5_fsdp": a.t5_fsdp,
+            "attention": self.sp.attn_type if self.sp else None,
+        }
 
     def dit_grid(self, shape) -> tuple[int, int, int]:
         """The DiT's patch grid (f, h, w) for latents of `shape` [B, C, F, H, W]."""
@@ -182,15 +313,27 @@ class WanT2V:
 
     @torch.no_grad()
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
-        args, device = self.args, self.device
-        sw = Stopwatch(device)
+        args, device, sp = self.args, self.device, self.sp
+        sw, place = Stopwatch(device), Placement()
+        t5_visits = args.offload_model and not args.t5_cpu  # official: umT5 goes to the device only to encode
         with sw.phase("end_to_end"):
             with sw.phase("text"):
-                ctx, ctx_null = (
-                    pad_context([c]).to(device) for c in self.text_encoder([prompt, args.negative_prompt])
-                )
+                if t5_visits:
+                    place.move("text", "t5", self.text_encoder.model, device)
+                contexts = self.text_encoder([prompt, args.negative_prompt])
+                if t5_visits:
+                    place.move("text", "t5", self.text_encoder.model, "cpu")
+                ctx, ctx_null = (pad_context([c]).to(device) for c in contexts)
+                if args.cfg_batch:  # both padded to text_len (as the DiT pads each) so they stack: [2, T, D]
+                    ctx_pair = pad_context(contexts, self.dit.config.text_len).to(device)
             width, height = (int(v) for v in args.size.split("*"))
             shape = self.vae.latent_shape(args.frame_num, height, width)  # (16, T, h, w)
+            image_cond = {}  # image-to-video: the DiT's extra inputs, the same for both CFG branches
+            if self.clip is not None:
+                with sw.phase("image"):
+                    area = max_area_of(args.size)
+                    c = encode_condition(self.image, args.frame_num, area, self.vae, self.clip)
+                shape, image_cond = c.latent_shape, {"clip_fea": c.clip_fea.to(device), "y": c.y.to(device)}
             g = torch.Generator(device).manual_seed(seed)
             latents = torch.randn(shape, generator=g, device=device, dtype=torch.float32)[
                 None
@@ -199,34 +342,45 @@ class WanT2V:
             sigmas = wan_sigmas(steps, args.sample_shift)
             solver = FlowUniPC(sigmas) if args.sample_solver == "unipc" else FlowEuler(sigmas)
             cost = flops_per_call(self.dit.config, self.dit_grid(latents.shape))  # for the work ratio
-            cache = make_cache(cache_cfg, steps, timesteps=solver.timesteps.tolist(), cost=cost)
-            calls = 0
-            self.dit.to(device)
-            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=args.quiet)):
+            kw = dict(timesteps=solver.timesteps.tolist(), cost=cost, decision_group=self.decision_group)
+            cache, calls = make_cache(cache_cfg, steps, **kw), 0
+            if not args.dit_fsdp:
+                place.move("sampling", "dit", self.dit, device)
+            quiet = args.quiet or not self.launch.is_main
+            for i, t in enumerate(tqdm(solver.timesteps, desc="sampling", leave=False, disable=quiet)):
                 t = t.to(device).expand(1)  # [1]
+                # The cache measures the noisy latent alone (I2V: before the DiT concatenates y to it).
                 if cache is None or cache.should_compute(i, latents):
                     # TeaCache, MagCache and PAB act inside the DiT through one hook per call (else None).
                     hc, hu = (cache.hook("cond"), cache.hook("uncond")) if cache is not None else (None, None)
-                    with sw.phase("dit"):  # two DiT calls: the CFG branches, named
-                        v = {
-                            "cond": self.dit(latents, t, ctx, cache=hc),
-                            "uncond": self.dit(latents, t, ctx_null, cache=hu),
-                        }
-                    calls += 2
+                    one_call = args.cfg_batch and hc is None and hu is None  # hooks are per branch
+                    with sw.phase("dit"):  # the CFG branches, named
+                        if one_call:  # one batch-2 call on [x; x] with [cond; uncond], split back
+                            pair = {k: torch.cat([c] * 2) for k, c in image_cond.items()}  # I2V: same image
+                            cond, uncond = self.dit(
+                                torch.cat([latents] * 2), t.expand(2), ctx_pair, **pair, sp=sp
+                            ).chunk(2)
+                            v = {"cond": cond, "uncond": uncond}
+                        else:  # two calls, as the official generate.py
+                            v = {
+                                "cond": self.dit(latents, t, ctx, cache=hc, **image_cond, sp=sp),
+                                "uncond": self.dit(latents, t, ctx_null, cache=hu, **image_cond, sp=sp),
+                            }
+                    calls += 1 if one_call else 2  # DiT calls (NFE): a batched call counts once
                     if cache is not None:
                         cache.update(latents, v, dit_seconds=sw.last("dit"))
                 else:
                     v = cache.reuse(latents)  # EasyCache/static: v̂ = x_t + Δ_i for both branches, no DiT call
                 noise_pred = v["uncond"] + args.sample_guide_scale * (v["cond"] - v["uncond"])
                 latents = solver.step(noise_pred, i, latents)  # [1, 16, T, h, w] fp32
-            if args.offload_model and device.type == "cuda":
-                self.dit.to("cpu")
-                torch.cuda.empty_cache()
-            with sw.phase("vae"):
-                frames = to_uint8_frames(self.vae.decode(latents))  # [F, H, W, 3]
+            if args.offload_model:  # free the device memory the VAE decode needs
+                place.move("vae", "dit", self.dit, "cpu")
+            with sw.phase("vae"):  # rank 0 alone decodes and writes, as the official multi-GPU run
+                frames = to_uint8_frames(self.vae.decode(latents)) if self.launch.is_main else None
         stats = cache.stats if cache is not None else None
+        trace = cache.trace if cache else None
         return Generation(
-            frames, latents.cpu(), dict(sw.seconds), calls, stats, cache.trace if cache else None
+            frames, latents.cpu(), dict(sw.seconds), calls, stats, trace, {"placement": place.moves}
         )
 
 
@@ -238,14 +392,24 @@ def main(argv: list[str] | None = None) -> None:
         out = RunOutputs(args.save_file, args.report, default_name=name, fps=task.fps, lossless=args.lossless)
         files = [task.weights, *_WAN_FILES, *(["config.json"] if task.dit is None else [])]
         patterns = ["config.json", "diffusion_pytorch_model*", *_WAN_FILES[:2], "google/umt5-xxl/*"]
+        if task.clip is not None:  # i2v: the CLIP file too (its xlm-roberta tokenizer is not needed)
+            files, patterns = [*files, CLIP_FILE], [*patterns, CLIP_FILE]
         ckpt_dir = resolve_checkpoint(
             args.ckpt_dir, repo_id=task.repo_id, files=files, patterns=patterns, default_dir=task.ckpt_dir
         )
+        dit = task.dit or WanConfig.from_json(os.path.join(ckpt_dir, "config.json"))
+        check_launch(args, dit.num_heads)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    pipe = WanT2V(task, ckpt_dir, args)
+    launch = init_distributed(args.device)
+    args.base_seed = launch.broadcast(args.base_seed)  # a seed drawn at random: rank 0's for all
+    pipe = WanT2V(task, ckpt_dir, args, launch)
     report = {"script": "sample_wan.py", "args": vars(args), "environment": environment(pipe.device)}
-    generate_and_report(pipe.generate, prompts, args.base_seed, args, out, report, f"wan {args.task}")
+    report["parallel"] = pipe.parallel_report()
+    generate_and_report(
+        pipe.generate, prompts, args.base_seed, args, out, report, f"wan {args.task}", write=launch.is_main
+    )
+    launch.close()
 
 
 if __name__ == "__main__":

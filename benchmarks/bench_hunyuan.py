@@ -37,7 +37,7 @@ MODERATE = HunyuanVideoConfig(
 )
 
 
-def build_models(cfg: HunyuanVideoConfig, device: str, dtype: torch.dtype):
+def build_models(cfg: HunyuanVideoConfig, device: str, dtype: torch.dtype, attn_backend: str = "auto"):
     """diffusers model with random weights (allocated once, in `dtype`); ours shares or fuses its tensors."""
     from diffusers import HunyuanVideoTransformer3DModel
     from diffusers.utils import logging
@@ -50,7 +50,7 @@ def build_models(cfg: HunyuanVideoConfig, device: str, dtype: torch.dtype):
         for p in ref.parameters():  # zero-initialised gates would make most of the model a no-op
             p.normal_().mul_(p[0].numel() ** -0.5 if p.ndim > 1 else 0.5)
     with torch.device("meta"):
-        ours = HunyuanVideoModel(cfg)
+        ours = HunyuanVideoModel(cfg, attn_backend)
     ours.load_state_dict(convert_diffusers_to_official(ref.state_dict(), cfg), strict=True, assign=True)
     return ref, ours.eval().requires_grad_(False)
 

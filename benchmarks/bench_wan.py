@@ -75,7 +75,7 @@ def forward_flops(cfg: WanConfig, batch: int, latent: tuple[int, int, int]) -> d
     return {k: v * batch for k, v in flops.items()}
 
 
-def build_models(cfg: WanConfig, device: str, dtype: torch.dtype):
+def build_models(cfg: WanConfig, device: str, dtype: torch.dtype, attn_backend: str = "auto"):
     """diffusers' model with its default random init, and ours loaded from its converted state dict."""
     from diffusers import WanTransformer3DModel
     from diffusers.utils import logging
@@ -83,7 +83,7 @@ def build_models(cfg: WanConfig, device: str, dtype: torch.dtype):
     logging.set_verbosity_error()  # its warning about .to(dtype) is handled below, as from_pretrained does
     ref = WanTransformer3DModel(**cfg.diffusers_kwargs())
     with torch.device("meta"):
-        ours = WanModel(cfg)
+        ours = WanModel(cfg, attn_backend)
     load_strict(ours, convert_diffusers_to_official(ref.state_dict()), source="diffusers weights")
     ours = cast_wan(ours, dtype).to(device).eval()
     ref = ref.to(device, dtype).eval()

@@ -34,6 +34,7 @@ class StepCache:
         reuse_output: bool = False,
         branch: str | None = None,
         group: dist.ProcessGroup | None = None,
+        decision_group: dist.ProcessGroup | None = None,
         first_step: int = 0,
     ):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -46,6 +47,11 @@ class StepCache:
         # With a process group, every norm is reduced over all ranks, so ranks that hold different samples
         # of one batch still take the same decision (as if the whole batch were on one device).
         self.group = group
+        # With a decision group (multi-GPU sequence parallelism: ranks that share every DiT call), the
+        # decision of the group's first rank is broadcast and taken by all. Their statistics come from
+        # identical tensors (the full latent, the gathered output), but an identical decision must not rest
+        # on bit-identical float arithmetic: one rank skipping while another computes hangs the collectives.
+        self.decision_group = decision_group
         # Last step decided. A cache may join a generation late (`first_step` > 0: the second expert of
         # Wan2.2, which takes over at the boundary step); steps keep their global numbers, so the warm-up
         # and the forced last step mean the same sampling steps for every expert.
@@ -99,6 +105,12 @@ class StepCache:
         if self._prev_x is not None:
             record["input_change"] = self.mean_abs(x - self._prev_x)  # ‖x_t − x_{t−1}‖, a 0-dim tensor
         record["compute"], record["reason"] = self._decide(step, x, record)
+        if self.decision_group is not None:
+            mine = record["compute"]
+            record["compute"] = broadcast_decision(mine, self.decision_group, x.device)
+            if record["compute"] != mine:  # never expected; recorded so that a trace shows it
+                record["reason"] = "rank0_compute" if record["compute"] else "rank0_reuse"
+                record["note"] = f"this rank decided {'compute' if mine else 'skip'}; rank 0's decision taken"
         self._records.append(record)
         self._prev_x = x.detach().clone()
         self._step, self._pending = step, record["compute"]
@@ -232,3 +244,11 @@ class StepCache:
         want = "update(x, v)" if self._pending else "reuse(x)"
         decided = "compute" if self._pending else "skip"
         return f"step {self._step} was decided {decided}: call {want}, not {verb}()"
+
+
+def broadcast_decision(compute: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
+    """The decision of `group`'s first rank, on every rank of it (one small broadcast per step; the tensor
+    lives on `device` so that NCCL can carry it)."""
+    flag = torch.tensor([int(compute)], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
+    return bool(flag.item())

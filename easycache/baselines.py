@@ -37,10 +37,17 @@ class StaticCache(StepCache):
 
     method = "static"
 
-    def __init__(self, config: StaticCacheConfig, num_steps: int, *, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        config: StaticCacheConfig,
+        num_steps: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        decision_group: dist.ProcessGroup | None = None,
+    ):
         if not isinstance(config, StaticCacheConfig):
             raise TypeError(f"config must be a StaticCacheConfig, got {type(config).__name__}")
-        super().__init__(num_steps, group=group)
+        super().__init__(num_steps, group=group, decision_group=decision_group)
         if config.warmup >= num_steps:
             raise ValueError(
                 f"StaticCacheConfig.warmup (R={config.warmup}) must be smaller than the {num_steps} "

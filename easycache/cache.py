@@ -92,12 +92,13 @@ class EasyCache(StepCache):
         num_steps: int,
         *,
         group: dist.ProcessGroup | None = None,
+        decision_group: dist.ProcessGroup | None = None,
         first_step: int = 0,
     ):
         if not isinstance(config, EasyCacheConfig):
             raise TypeError(f"config must be an EasyCacheConfig, got {type(config).__name__}")
         kw = dict(reuse_output=config.reuse_output, branch=config.branch, group=group, first_step=first_step)
-        super().__init__(num_steps, **kw)
+        super().__init__(num_steps, **kw, decision_group=decision_group)
         if config.warmup >= num_steps:
             raise ValueError(
                 f"EasyCacheConfig.warmup (R={config.warmup}) must be smaller than the {num_steps} sampling "

@@ -108,38 +108,66 @@ def compare_runs(
     warmup: Callable[[], None] | None = None,
     lpips: bool = True,
     on_pair: Callable[[Generation, Generation, dict], None] | None = None,
+    measure: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """The baseline of every (prompt, seed) once, then each cache config from the same seed; rows and means.
 
     `generate(prompt, seed, cache_config_or_None)` is the sample script's own generation; `configs` is a
     list of (label, cache config), e.g. one EasyCache, or a τ sweep and static intervals for a Pareto curve.
     `warmup` runs once first so neither side pays for kernel selection or allocator growth. `on_pair` may
-    save the videos.
+    save the videos. `measure=False` (the other ranks of a multi-GPU run) makes the same generations and
+    nothing else: every DiT call needs all ranks, only rank 0 measures and writes. `shard=(rank, world)`
+    (data parallel over prompts): this rank makes every world-th (prompt, seed) pair from its rank on.
     """
     if warmup is not None:
         warmup()
     rows = []
     pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
     for index, (prompt, seed) in enumerate(pairs):
+        if shard is not None and index % shard[1] != shard[0]:
+            continue
         base = generate(prompt, seed, None)
         for label, config in configs:
             cached = generate(prompt, seed, config)
+            if not measure:
+                continue
             row = {"label": label, "run_index": index, "prompt": prompt, "seed": seed}
             row.update(compare_pair(base, cached, lpips=lpips))
             row["cache_stats"] = cached.cache_stats
             rows.append(row)
             if on_pair is not None:
                 on_pair(base, cached, row)
+    return {"rows": rows, "means": compare_means(rows, [label for label, _ in configs])}
+
+
+def compare_means(rows: list[dict], labels: list[str]) -> dict:
+    """Mean ± std of every numeric column per cache label (labels without rows are left out)."""
     means = {}
-    for label, _ in configs:
+    for label in labels:
         mine = [{k: v for k, v in r.items() if k != "cache_stats"} for r in rows if r["label"] == label]
-        means[label] = aggregate(mine)
-    return {"rows": rows, "means": means}
+        if mine:
+            means[label] = aggregate(mine)
+    return means
 
 
-def generate_and_report(generate, prompts: list[str], seed: int, args, out, report: dict, label: str) -> None:
+def generate_and_report(
+    generate,
+    prompts: list[str],
+    seed: int,
+    args,
+    out,
+    report: dict,
+    label: str,
+    *,
+    write: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> None:
     """The end of every sample script's main(): with --compare, the baseline against each cache of
-    `compare_configs(args)` (one table row each); otherwise one video per prompt. Writes videos and report.
+    `compare_configs(args)` (one table row each); otherwise one video per prompt. Writes videos and report;
+    with `write=False` (ranks other than 0 of a sequence-parallel run) it makes the same generations,
+    silently. `shard=(rank, world)`: data parallel over prompts (torch.distributed initialised): each rank
+    makes and writes its share of the videos, and rank 0 gathers every rank's part of the report.
 
     `generate(prompt, seed, cache_config, num_steps=None)` is the script's generation; `out` a RunOutputs.
     """
@@ -151,19 +179,43 @@ def generate_and_report(generate, prompts: list[str], seed: int, args, out, repo
         warmup = lambda: generate(prompts[0], seed, None, num_steps=2)  # noqa: E731  kernels, allocator
         seeds = [seed + i for i in range(args.num_seeds)]
         configs = compare_configs(args)
-        result = compare_runs(
-            generate, prompts, seeds, configs, warmup=warmup, lpips=args.lpips, on_pair=out.save_pair
-        )
+        on_pair = out.save_pair if write else None
+        kw = dict(warmup=warmup, lpips=args.lpips, on_pair=on_pair, measure=write, shard=shard)
+        result = compare_runs(generate, prompts, seeds, configs, **kw)
+        if shard is not None:
+            rows = sorted(_gather(result["rows"]), key=lambda r: r["run_index"])
+            result = {"rows": rows, "means": compare_means(rows, [c[0] for c in configs])}
+            write = shard[0] == 0
+        if not write:
+            return
         print_comparison(result, label)
         report["comparison"] = result
     else:
         runs = []
         for i, prompt in enumerate(prompts):
+            if shard is not None and i % shard[1] != shard[0]:
+                continue
             gen = generate(prompt, seed, cache_config(args))
+            if not write:
+                continue
             runs.append(out.save_single(gen, prompt=prompt, seed=seed, index=i if len(prompts) > 1 else None))
             print(summary_line(label, gen, runs[-1]["outputs"]["video"]))
+        if shard is not None:  # every rank's runs, in prompt order
+            runs = [r for _, r in sorted(_gather([(i * shard[1] + shard[0], r) for i, r in enumerate(runs)]))]
+            write = shard[0] == 0
+        if not write:
+            return
         report.update(runs[0] if len(runs) == 1 else {"runs": runs})
     print(f"report: {write_json(out.report, json_safe(report))}")
+
+
+def _gather(items: list) -> list:
+    """The concatenation of every rank's `items` (small picklable objects), on every rank."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
 
 
 def print_comparison(result: dict, title: str) -> None:

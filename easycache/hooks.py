@@ -87,8 +87,9 @@ class HookCache(StepCache):
         branches: str = "separate",
         cost: dict[str, float] | None = None,
         group=None,
+        decision_group=None,
     ):
-        super().__init__(num_steps, group=group)
+        super().__init__(num_steps, group=group, decision_group=decision_group)
         if not isinstance(branches, str) or not branches:
             raise ValueError(f"branches must be 'separate' or a branch name, got {branches!r}")
         self.branches = branches

@@ -70,10 +70,11 @@ class MagCache(HookCache):
 
     method = "magcache"
 
-    def __init__(self, config: MagCacheConfig, num_steps: int, *, cost=None, group=None):
+    def __init__(self, config: MagCacheConfig, num_steps: int, *, cost=None, group=None, decision_group=None):
         if not isinstance(config, MagCacheConfig):
             raise TypeError(f"config must be a MagCacheConfig, got {type(config).__name__}")
-        super().__init__(num_steps, branches=config.branches, cost=cost, group=group)
+        kw = dict(branches=config.branches, cost=cost, group=group, decision_group=decision_group)
+        super().__init__(num_steps, **kw)
         if config.branches != "separate" and config.branches not in config.mag_ratios:
             raise ValueError(
                 f"MagCacheConfig.branches={config.branches!r} has no ratios ({sorted(config.mag_ratios)})"

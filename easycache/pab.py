@@ -98,10 +98,11 @@ class PAB(HookCache):
         timesteps: Sequence[float] | None = None,
         cost=None,
         group=None,
+        decision_group=None,
     ):
         if not isinstance(config, PABConfig):
             raise TypeError(f"config must be a PABConfig, got {type(config).__name__}")
-        super().__init__(num_steps, cost=cost, group=group)
+        super().__init__(num_steps, cost=cost, group=group, decision_group=decision_group)
         self.config = config
         self.timesteps = None if timesteps is None else [float(t) for t in timesteps]
         if self.timesteps is not None and len(self.timesteps) != num_steps:

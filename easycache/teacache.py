@@ -96,10 +96,11 @@ class TeaCache(HookCache):
 
     method = "teacache"
 
-    def __init__(self, config: TeaCacheConfig, num_steps: int, *, cost=None, group=None):
+    def __init__(self, config: TeaCacheConfig, num_steps: int, *, cost=None, group=None, decision_group=None):
         if not isinstance(config, TeaCacheConfig):
             raise TypeError(f"config must be a TeaCacheConfig, got {type(config).__name__}")
-        super().__init__(num_steps, branches=config.branches, cost=cost, group=group)
+        kw = dict(branches=config.branches, cost=cost, group=group, decision_group=decision_group)
+        super().__init__(num_steps, **kw)
         if config.ret_steps >= num_steps:
             raise ValueError(f"TeaCacheConfig.ret_steps ({config.ret_steps}) must be < the {num_steps} steps")
         self.config = config

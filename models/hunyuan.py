@@ -26,6 +26,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from torch import Tensor, nn
 from models.attention import attention
 from models.embeddings import TimestepEmbedder
 from models.loading import download_command, load_file_state_dict, load_strict
+
+if TYPE_CHECKING:
+    from models.parallel import SequenceParallel
 
 HUB_REPO = "tencent/HunyuanVideo"
 CKPT_FILE = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"
@@ -291,9 +295,9 @@ def refiner_mask(text_mask: Tensor) -> Tensor:
 class IndividualTokenRefinerBlock(nn.Module):
     """Self-attention + SiLU MLP over the text tokens, gated (no shift/scale) by the refiner's condition c."""
 
-    def __init__(self, hidden_size: int, heads_num: int):
+    def __init__(self, hidden_size: int, heads_num: int, attn_backend: str = "auto"):
         super().__init__()
-        self.heads_num = heads_num
+        self.heads_num, self.attn_backend = heads_num, attn_backend
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
         self.self_attn_qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.self_attn_proj = nn.Linear(hidden_size, hidden_size)
@@ -305,21 +309,23 @@ class IndividualTokenRefinerBlock(nn.Module):
         gate_msa, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # 2 x [B, 1, D]
         qkv = self.self_attn_qkv(affine_norm(self.norm1, x))  # [B, L, 3D]
         q, k, v = rearrange(qkv, "B L (K A d) -> K B L A d", K=3, A=self.heads_num)  # 3 x [B, L, A, d]
-        x = x + self.self_attn_proj(attention(q, k, v, mask=mask).flatten(2)) * gate_msa  # [B, L, D]
+        attn = attention(q, k, v, mask=mask, backend=self.attn_backend).flatten(2)  # [B, L, D]
+        x = x + self.self_attn_proj(attn) * gate_msa  # [B, L, D]
         return x + self.mlp(affine_norm(self.norm2, x)) * gate_mlp  # [B, L, D]
 
 
 class SingleTokenRefiner(nn.Module):
     """txt_in: project the LLM states to D and refine them, conditioned on t and their masked mean."""
 
-    def __init__(self, config: HunyuanVideoConfig):
+    def __init__(self, config: HunyuanVideoConfig, attn_backend: str = "auto"):
         super().__init__()
         d_txt, dim = config.text_states_dim, config.hidden_size
         self.input_embedder = nn.Linear(d_txt, dim)
         self.t_embedder = TimestepEmbedder(dim)
         self.c_embedder = TextProjection(d_txt, dim)
         # A dict only to reproduce the official key prefix txt_in.individual_token_refiner.blocks.{r}.
-        blocks = [IndividualTokenRefinerBlock(dim, config.heads_num) for _ in range(TOKEN_REFINER_DEPTH)]
+        heads = config.heads_num
+        blocks = [IndividualTokenRefinerBlock(dim, heads, attn_backend) for _ in range(TOKEN_REFINER_DEPTH)]
         self.individual_token_refiner = nn.ModuleDict({"blocks": nn.ModuleList(blocks)})
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor | None) -> Tensor:
@@ -353,10 +359,10 @@ def stream_qkv(
 class MMDoubleStreamBlock(nn.Module):
     """Image and text streams with separate weights, joined only in attention (image tokens first)."""
 
-    def __init__(self, config: HunyuanVideoConfig):
+    def __init__(self, config: HunyuanVideoConfig, attn_backend: str = "auto"):
         super().__init__()
         dim, bias = config.hidden_size, config.qkv_bias
-        self.heads_num = config.heads_num
+        self.heads_num, self.attn_backend = config.heads_num, attn_backend
         self.img_mod = ModulateDiT(dim, 6)
         self.img_attn_qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.img_attn_q_norm, self.img_attn_k_norm = qk_norm(config), qk_norm(config)
@@ -369,13 +375,21 @@ class MMDoubleStreamBlock(nn.Module):
         self.txt_mlp = MLP(dim, config.mlp_hidden_dim, config.mlp_act_type)
 
     def forward(
-        self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], k_lens: Tensor, pab=None
+        self,
+        img: Tensor,
+        txt: Tensor,
+        vec: Tensor,
+        rope: tuple[Tensor, Tensor],
+        k_lens: Tensor,
+        pab=None,
+        sp: SequenceParallel | None = None,
     ):
-        """`pab`: optional attention broadcast (easycache.pab): `pab(kind, attn, *args)` runs or reuses it."""
+        """`pab`: optional attention broadcast (easycache.pab): `pab(kind, attn, *args)` runs or reuses it.
+        `sp`: sequence parallelism (this rank's image tokens; the text on every rank)."""
         # (shift1, scale1, gate1, shift2, scale2, gate2), each [B, D]
         im = self.img_mod(vec).chunk(6, dim=-1)
         tm = self.txt_mod(vec).chunk(6, dim=-1)
-        args = (img, txt, im, tm, rope, k_lens)
+        args = (img, txt, im, tm, rope, k_lens, sp)
         attn = self._attention(*args) if pab is None else pab("spatial", self._attention, *args)  # [B, S, D]
         img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)  # [B, N, D], [B, L, D]
         img = img + self.img_attn_proj(img_attn) * im[2][:, None]  # [B, N, D]
@@ -385,7 +399,7 @@ class MMDoubleStreamBlock(nn.Module):
         return img, txt
 
     def _attention(
-        self, img: Tensor, txt: Tensor, im: tuple, tm: tuple, rope: tuple, k_lens: Tensor
+        self, img: Tensor, txt: Tensor, im: tuple, tm: tuple, rope: tuple, k_lens: Tensor, sp=None
     ) -> Tensor:
         """Joint attention of both streams (projections, norms, RoPE, attention) -> [B, S, D]."""
         heads = self.heads_num
@@ -396,17 +410,19 @@ class MMDoubleStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = stream_qkv(
             txt, tm[0], tm[1], self.txt_attn_qkv, self.txt_attn_q_norm, self.txt_attn_k_norm, heads
         )  # 3 x [B, L, A, d]
+        if sp is not None:  # this rank's image tokens; the text on every rank, joined "rear" as xDiT's
+            return torch.cat(sp.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v), 1).flatten(2)
         q, k, v = (torch.cat(pair, dim=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
-        return attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
+        return attention(q, k, v, k_lens=k_lens, backend=self.attn_backend).flatten(2)  # [B, S, D]
 
 
 class MMSingleStreamBlock(nn.Module):
     """One stream over [image; text]: attention and MLP run in parallel from one fused linear1."""
 
-    def __init__(self, config: HunyuanVideoConfig):
+    def __init__(self, config: HunyuanVideoConfig, attn_backend: str = "auto"):
         super().__init__()
         dim, mlp = config.hidden_size, config.mlp_hidden_dim
-        self.heads_num, self.mlp_hidden_dim = config.heads_num, mlp
+        self.heads_num, self.mlp_hidden_dim, self.attn_backend = config.heads_num, mlp, attn_backend
         self.linear1 = nn.Linear(dim, 3 * dim + mlp)  # rows [q; k; v; mlp_in] (always with bias, officially)
         self.linear2 = nn.Linear(dim + mlp, dim)  # columns [attn; mlp_act]
         self.q_norm, self.k_norm = qk_norm(config), qk_norm(config)
@@ -414,23 +430,35 @@ class MMSingleStreamBlock(nn.Module):
         self.modulation = ModulateDiT(dim, 3)
 
     def forward(
-        self, x: Tensor, vec: Tensor, n_img: int, rope: tuple[Tensor, Tensor], k_lens: Tensor, pab=None
+        self,
+        x: Tensor,
+        vec: Tensor,
+        n_img: int,
+        rope: tuple[Tensor, Tensor],
+        k_lens: Tensor,
+        pab=None,
+        sp: SequenceParallel | None = None,
     ):
         """`pab`: optional attention broadcast of the attention after the fused linear1 (which the MLP needs
         anyway, so a broadcast saves norms, RoPE and the attention itself)."""
         shift, scale, gate = self.modulation(vec).chunk(3, dim=-1)  # 3 x [B, D]
         fused = self.linear1(modulated_norm(x, shift, scale))  # [B, S, 3D + M]
         qkv, mlp = fused.split([fused.shape[-1] - self.mlp_hidden_dim, self.mlp_hidden_dim], dim=-1)
-        args = (qkv, n_img, rope, k_lens)
+        args = (qkv, n_img, rope, k_lens, sp)
         attn = self._attention(*args) if pab is None else pab("spatial", self._attention, *args)  # [B, S, D]
         return x + self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1)) * gate[:, None]  # [B, S, D]
 
-    def _attention(self, qkv: Tensor, n_img: int, rope: tuple[Tensor, Tensor], k_lens: Tensor) -> Tensor:
+    def _attention(
+        self, qkv: Tensor, n_img: int, rope: tuple[Tensor, Tensor], k_lens: Tensor, sp=None
+    ) -> Tensor:
         q, k, v = rearrange(qkv, "B S (K A d) -> K B S A d", K=3, A=self.heads_num)  # 3 x [B, S, A, d]
         q, k = self.q_norm(q), self.k_norm(k)
         q = torch.cat([apply_rope(q[:, :n_img], *rope), q[:, n_img:]], dim=1)  # RoPE on image tokens only
         k = torch.cat([apply_rope(k[:, :n_img], *rope), k[:, n_img:]], dim=1)
-        return attention(q, k, v, k_lens=k_lens).flatten(2)  # [B, S, D]
+        if sp is not None:  # this rank's image tokens, then the text (the same on every rank)
+            img_qkv, txt_qkv = (t[:, :n_img] for t in (q, k, v)), (t[:, n_img:] for t in (q, k, v))
+            return torch.cat(sp.joint_attention(*img_qkv, *txt_qkv), dim=1).flatten(2)  # [B, S, D]
+        return attention(q, k, v, k_lens=k_lens, backend=self.attn_backend).flatten(2)  # [B, S, D]
 
 
 class FinalLayer(nn.Module):
@@ -454,22 +482,23 @@ class FinalLayer(nn.Module):
 
 
 class HunyuanVideoModel(nn.Module):
-    """HYVideoDiffusionTransformer: token refiner, double-stream then single-stream blocks, final layer."""
+    """HYVideoDiffusionTransformer: token refiner, double-stream then single-stream blocks, final layer.
+    `attn_backend` picks the attention kernel of every block (models.attention.BACKENDS); no weights."""
 
-    def __init__(self, config: HunyuanVideoConfig):
+    def __init__(self, config: HunyuanVideoConfig, attn_backend: str = "auto"):
         super().__init__()
         self.config = config
         dim = config.hidden_size
         self.img_in = PatchEmbed(config)
-        self.txt_in = SingleTokenRefiner(config)
+        self.txt_in = SingleTokenRefiner(config, attn_backend)
         self.time_in = TimestepEmbedder(dim)
         self.vector_in = MLPEmbedder(config.text_states_dim_2, dim)
         self.guidance_in = TimestepEmbedder(dim) if config.guidance_embed else None
         self.double_blocks = nn.ModuleList(
-            MMDoubleStreamBlock(config) for _ in range(config.mm_double_blocks_depth)
+            MMDoubleStreamBlock(config, attn_backend) for _ in range(config.mm_double_blocks_depth)
         )
         self.single_blocks = nn.ModuleList(
-            MMSingleStreamBlock(config) for _ in range(config.mm_single_blocks_depth)
+            MMSingleStreamBlock(config, attn_backend) for _ in range(config.mm_single_blocks_depth)
         )
         self.final_layer = FinalLayer(config)
 
@@ -482,12 +511,16 @@ class HunyuanVideoModel(nn.Module):
         text_states_2: Tensor,
         guidance: Tensor | None = None,
         cache=None,
+        *,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
         """x [B, C, T, H, W] latents, t [B] float timesteps (σ·1000), text_states [B, L, Dt] LLM features,
         text_mask [B, L] (valid tokens first), text_states_2 [B, Dp] CLIP pooled, guidance [B] (see
         guidance_input) for the distilled model -> velocity [B, C_out, T, H, W] in the weight dtype.
         `cache`: optional hook of one call (easycache.hooks: TeaCache, MagCache, PAB); None: the plain DiT.
-        """
+        sp: sequence parallelism (models.parallel): every rank passes the same full inputs, embeds 1/P of
+        the latent's rows (or columns), attends with the text joined on every rank, and gets the same full
+        output."""
         text_mask = text_mask.to(x.device)  # tokenizer masks often stay on the CPU
         text_lens = self._check_inputs(x, t, text_states, text_mask, text_states_2, guidance)  # [B]
         cfg, dtype = self.config, self.img_in.proj.weight.dtype
@@ -496,6 +529,10 @@ class HunyuanVideoModel(nn.Module):
         vec = self.time_in(t) + self.vector_in(text_states_2.to(dtype))  # [B, D]
         if self.guidance_in is not None:
             vec = vec + self.guidance_in(guidance)  # [B, D]
+        if sp is not None:
+            x, rope, split_dim = shard_latent(x, rope, grid, sp)  # [B, C, T, H/P, W] (or W/P), [N/P, d]
+            grid = tuple(s // p for s, p in zip(x.shape[2:], cfg.patch_size))  # this rank's (t, h, w)
+            sp = sp.with_text_lens(text_lens)
         img = self.img_in(x.to(dtype))  # [B, N, D]
         txt = self.txt_in(text_states, t, text_mask if cfg.use_attention_mask else None)  # [B, L, D]
         n_img = img.shape[1]
@@ -508,10 +545,10 @@ class HunyuanVideoModel(nn.Module):
         else:
             img_in, pab = img, cache.attention if cache is not None else lambda i: None
             for i, block in enumerate(self.double_blocks):
-                img, txt = block(img, txt, vec, rope, k_lens, pab(i))  # [B, N, D], [B, L, D]
+                img, txt = block(img, txt, vec, rope, k_lens, pab(i), sp)  # [B, N, D], [B, L, D]
             x_joint = torch.cat([img, txt], dim=1)  # [B, S, D]
             for i, block in enumerate(self.single_blocks, start=len(self.double_blocks)):
-                x_joint = block(x_joint, vec, n_img, rope, k_lens, pab(i))  # [B, S, D]
+                x_joint = block(x_joint, vec, n_img, rope, k_lens, pab(i), sp)  # [B, S, D]
             img = x_joint[:, :n_img]  # [B, N, D]
             if cache is not None:
                 cache.store_blocks(img_in, img)
@@ -519,7 +556,8 @@ class HunyuanVideoModel(nn.Module):
         pt, ph, pw = cfg.patch_size
         # The final linear's outputs are ordered (C, pt, ph, pw), as the official unpatchify reads them.
         unpatchify = "B (t h w) (C pt ph pw) -> B C (t pt) (h ph) (w pw)"
-        return rearrange(out, unpatchify, t=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)  # [B, C, T, H, W]
+        out = rearrange(out, unpatchify, t=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)  # [B, C, T, H, W]
+        return out if sp is None else sp.gather(out, dim=split_dim)  # [B, C, T, H, W], same on every rank
 
     def _probe(self, img: Tensor, vec: Tensor) -> Tensor:
         """Block 0's modulated, normalised image tokens [B, N, D]: TeaCache's probe (official Hunyuan)."""
@@ -564,6 +602,27 @@ class HunyuanVideoModel(nn.Module):
         return lens
 
 
+def shard_latent(
+    x: Tensor, rope: tuple[Tensor, Tensor], grid: tuple[int, int, int], sp: SequenceParallel
+) -> tuple[Tensor, tuple[Tensor, Tensor], int]:
+    """This rank's rows of the latent (else columns) and their RoPE, as the official parallel forward
+    (hyvideo/inference.py): it splits along H when the patch rows divide by P, else along W, else refuses."""
+    t, h, w = grid
+    if h % sp.world_size == 0:
+        split_dim = -2
+    elif w % sp.world_size == 0:
+        split_dim = -1
+    else:
+        raise ValueError(
+            f"the {h}x{w} patch grid splits over {sp.world_size} ranks neither by rows nor by columns; "
+            "pick a video size whose height/16 or width/16 divides by ulysses x ring degree"
+        )
+    rope = tuple(
+        sp.split(r.reshape(t, h, w, -1), dim=split_dim - 1).reshape(-1, r.shape[-1]) for r in rope
+    )  # [N/P, d] each, in the local tokens' (t, h, w) order
+    return sp.split(x, dim=split_dim), rope, split_dim
+
+
 #################################################################################
 #                         Loading and key conversion                            #
 #################################################################################
@@ -593,6 +652,7 @@ def load_hunyuan(
     config: HunyuanVideoConfig = HUNYUAN_CONFIGS["t2v-720p"],
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
+    attn_backend: str = "auto",
 ) -> HunyuanVideoModel:
     """Load the official DiT checkpoint strictly.
 
@@ -603,6 +663,7 @@ def load_hunyuan(
         config: the architecture; HUNYUAN_CONFIGS["t2v-720p"] for the release.
         device, dtype: where the weights end up (the release is bf16; the model is built on meta and the
             memory-mapped tensors are assigned, so 25.6 GB are never held twice).
+        attn_backend: the attention kernel (models.attention.BACKENDS).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -611,7 +672,7 @@ def load_hunyuan(
         )
     state_dict = _official_state_dict(load_file_state_dict(path), path)
     with torch.device("meta"):
-        model = HunyuanVideoModel(config)
+        model = HunyuanVideoModel(config, attn_backend)
     load_strict(model, state_dict, source=path)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -49,12 +50,22 @@ def load_file_state_dict(path: str) -> dict[str, Tensor]:
         raise ValueError(f"cannot read checkpoint {path} (corrupt or not a checkpoint?): {e}") from e
 
 
-def load_sharded_safetensors(ckpt_dir: str, name: str = "diffusion_pytorch_model") -> dict[str, Tensor]:
-    """`name`.safetensors, or the shards listed by `name`.safetensors.index.json (diffusers' layout)."""
+def load_sharded_safetensors(
+    ckpt_dir: str,
+    name: str = "diffusion_pytorch_model",
+    *,
+    cast: Callable[[str, Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """`name`.safetensors, or the shards listed by `name`.safetensors.index.json (diffusers' layout).
+
+    Tensors are read one at a time and `cast(key, tensor)` (e.g. to bf16) is applied to each as it is read,
+    so host memory peaks at the cast state dict plus the pages of the one shard being read (its memory map
+    is closed before the next opens), never at the whole file-dtype state next to the cast one.
+    """
     single = os.path.join(ckpt_dir, f"{name}.safetensors")
     index = os.path.join(ckpt_dir, f"{name}.safetensors.index.json")
     if os.path.isfile(single):
-        return load_file_state_dict(single)
+        return _read_safetensors(single, cast)
     if not os.path.isfile(index):
         raise FileNotFoundError(
             f"{ckpt_dir} has neither {name}.safetensors nor {name}.safetensors.index.json"
@@ -63,15 +74,36 @@ def load_sharded_safetensors(ckpt_dir: str, name: str = "diffusion_pytorch_model
         weight_map = json.load(f)["weight_map"]
     state_dict: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        part = load_file_state_dict(os.path.join(ckpt_dir, shard))
-        wrong = [k for k in part if weight_map.get(k) != shard]
-        if wrong:
-            raise ValueError(f"{shard} holds keys its index does not assign to it: {wrong[:5]}")
+        part = _read_safetensors(os.path.join(ckpt_dir, shard), cast, expect=weight_map, shard=shard)
         state_dict.update(part)
     absent = sorted(set(weight_map) - set(state_dict))
     if absent:
         raise ValueError(f"the index lists keys that no shard holds: {absent[:5]}")
     return state_dict
+
+
+def _read_safetensors(
+    path: str, cast: Callable[[str, Tensor], Tensor] | None, *, expect: dict | None = None, shard: str = ""
+) -> dict[str, Tensor]:
+    """One safetensors file, tensor by tensor through `cast`; with `expect` (an index's weight map) every
+    key must be assigned to `shard` there."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            wrong = [k for k in keys if expect is not None and expect.get(k) != shard]
+            if wrong:
+                raise LookupError(wrong[:5])
+            out = {}
+            for key in keys:
+                tensor = f.get_tensor(key)  # a copy out of the memory map
+                out[key] = cast(key, tensor) if cast is not None else tensor
+            return out
+    except LookupError as e:
+        raise ValueError(f"{shard} holds keys its index does not assign to it: {e.args[0]}") from None
+    except Exception as e:  # safetensors errors differ by version; report them in one form
+        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a checkpoint?): {e}") from e
 
 
 def load_strict(model: nn.Module, state_dict: dict[str, Tensor], *, source: str = "checkpoint") -> nn.Module:

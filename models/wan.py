@@ -16,6 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import Tensor, nn
 
 from models.attention import attention
 from models.loading import download_command, load_sharded_safetensors, load_strict, require_files
+
+if TYPE_CHECKING:
+    from models.parallel import SequenceParallel
 
 # Width of the open-clip ViT-H/14 features that img_emb projects (fixed in the official MLPProj).
 CLIP_DIM = 1280
@@ -54,6 +58,9 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
+    # Not an upstream argument: upstream hard-codes the open-clip ViT-H/14 width (MLPProj(1280, dim)). Named
+    # as diffusers' `image_dim`; only the I2V demo model (a 64-wide CLIP tower) sets another value.
+    image_dim: int = CLIP_DIM
 
     def __post_init__(self):
         # JSON gives lists; keep the frozen config hashable and comparable.
@@ -75,6 +82,7 @@ class WanConfig:
             "out_dim",
             "num_heads",
             "num_layers",
+            "image_dim",
         )
         for name in sizes:
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
@@ -113,7 +121,7 @@ class WanConfig:
             cross_attn_norm=self.cross_attn_norm,
             qk_norm="rms_norm_across_heads" if self.qk_norm else None,
             eps=self.eps,
-            image_dim=1280 if i2v else None,  # open-clip ViT-H/14 width
+            image_dim=self.image_dim if i2v else None,  # open-clip ViT-H/14 width (1280)
             added_kv_proj_dim=self.dim if i2v else None,
         )
 
@@ -143,6 +151,19 @@ WAN_I2V_14B = WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, nu
 # The embedded demo model (train_wan_tiny.py, checkpoints/wan-tiny): 64×64×17 videos -> 16×5×16×16 latents
 # -> 1×2×2 patches (the official patch size) -> 320 tokens; its text encoder is a 64-wide umT5 over 16 tokens.
 WAN_TINY = WanConfig(text_len=16, dim=128, ffn_dim=384, text_dim=64, num_heads=2, num_layers=6)
+# The I2V demo model (train_wan_tiny_i2v.py, checkpoints/wan-i2v-tiny): WAN_TINY with the I2V input (16 noise
+# + 20 condition channels) and the CLIP branch over a 64-wide image tower (models.wan_clip.CLIP_TINY).
+WAN_I2V_TINY = WanConfig(
+    model_type="i2v",
+    in_dim=36,
+    image_dim=64,
+    text_len=16,
+    dim=128,
+    ffn_dim=384,
+    text_dim=64,
+    num_heads=2,
+    num_layers=6,
+)
 
 # The 480P and 720P I2V checkpoints share one DiT architecture (they differ only in weights).
 WAN_CONFIGS = {
@@ -151,6 +172,7 @@ WAN_CONFIGS = {
     "i2v-14B-480P": WAN_I2V_14B,
     "i2v-14B-720P": WAN_I2V_14B,
     "tiny": WAN_TINY,
+    "i2v-tiny": WAN_I2V_TINY,
 }
 WAN_REPOS = {
     "t2v-1.3B": "Wan-AI/Wan2.1-T2V-1.3B",
@@ -249,9 +271,12 @@ class WanRMSNorm(nn.Module):
 class WanSelfAttention(nn.Module):
     """Self-attention over all video tokens with full-dim QK RMSNorm and 3D RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, attn_backend: str = "auto"
+    ):
         super().__init__()
         self.num_heads = num_heads
+        self.attn_backend = attn_backend  # models.attention backend: auto, sdpa, flash or sage
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -259,13 +284,14 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, freqs: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freqs: Tensor, sp: SequenceParallel | None = None) -> Tensor:
         x = x.to(self.q.weight.dtype)  # [B, L, D] the linears run in the weight dtype (autocast upstream)
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh] fp32
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh] fp32
         v = self.v(x).unflatten(-1, (self.num_heads, -1))  # [B, L, N, Dh]
         q, k = rope_apply(q, freqs).to(v.dtype), rope_apply(k, freqs).to(v.dtype)  # [B, L, N, Dh]
-        out = attention(q, k, v)  # [B, L, N, Dh]
+        # Sequence parallel: L is this rank's tokens, and the keys of every rank take part (Ulysses/ring).
+        out = attention(q, k, v, backend=self.attn_backend) if sp is None else sp.attention(q, k, v)
         return self.o(out.flatten(-2).to(self.o.weight.dtype))  # [B, L, D]
 
 
@@ -275,42 +301,48 @@ class WanCrossAttention(WanSelfAttention):
     The same q/k/v/o and QK norms as self-attention (upstream subclasses it too), without RoPE."""
 
     def __init__(
-        self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, image: bool = False
+        self,
+        dim: int,
+        num_heads: int,
+        qk_norm: bool = True,
+        eps: float = 1e-6,
+        image: bool = False,
+        attn_backend: str = "auto",
     ):
-        super().__init__(dim, num_heads, qk_norm, eps)
+        super().__init__(dim, num_heads, qk_norm, eps, attn_backend)
         if image:
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, context: Tensor, context_img: Tensor | None) -> Tensor:
-        dt, heads = self.q.weight.dtype, (self.num_heads, -1)
+        dt, heads, backend = self.q.weight.dtype, (self.num_heads, -1), self.attn_backend
         q = self.norm_q(self.q(x.to(dt))).unflatten(-1, heads)  # [B, L, N, Dh]
         k = self.norm_k(self.k(context.to(dt))).unflatten(-1, heads)  # [B, T, N, Dh]
         v = self.v(context.to(dt)).unflatten(-1, heads)  # [B, T, N, Dh]
-        out = attention(q.to(v.dtype), k.to(v.dtype), v).float()  # [B, L, N, Dh]
+        out = attention(q.to(v.dtype), k.to(v.dtype), v, backend=backend).float()  # [B, L, N, Dh]
         if context_img is not None:
             k_img = self.norm_k_img(self.k_img(context_img.to(dt))).unflatten(-1, heads)  # [B, I, N, Dh]
             v_img = self.v_img(context_img.to(dt)).unflatten(-1, heads)  # [B, I, N, Dh]
             # Upstream returns each attention in fp32 and sums there before `o` rounds to the weight dtype.
-            out = out + attention(q.to(v.dtype), k_img.to(v.dtype), v_img).float()  # [B, L, N, Dh]
+            out = out + attention(q.to(v.dtype), k_img.to(v.dtype), v_img, backend=backend).float()
         return self.o(out.flatten(-2).to(self.o.weight.dtype))  # [B, L, D]
 
 
 class WanAttentionBlock(nn.Module):
     """Self-attention, cross-attention and FFN; adaLN modulation from the shared time projection."""
 
-    def __init__(self, config: WanConfig):
+    def __init__(self, config: WanConfig, attn_backend: str = "auto"):
         super().__init__()
         dim, eps = config.dim, config.eps
         self.norm1 = WanLayerNorm(dim, eps)
-        self.self_attn = WanSelfAttention(dim, config.num_heads, config.qk_norm, eps)
+        self.self_attn = WanSelfAttention(dim, config.num_heads, config.qk_norm, eps, attn_backend)
         # Upstream naming: norm3 is the (affine) cross-attention pre-norm, norm2 the FFN pre-norm.
         self.norm3 = (
             WanLayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
         )
         image = config.model_type == "i2v"
-        self.cross_attn = WanCrossAttention(dim, config.num_heads, config.qk_norm, eps, image=image)
+        self.cross_attn = WanCrossAttention(dim, config.num_heads, config.qk_norm, eps, image, attn_backend)
         self.norm2 = WanLayerNorm(dim, eps)
         self.ffn = nn.Sequential(
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
@@ -319,14 +351,21 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(
-        self, x: Tensor, e0: Tensor, freqs: Tensor, context: Tensor, context_img: Tensor | None, pab=None
+        self,
+        x: Tensor,
+        e0: Tensor,
+        freqs: Tensor,
+        context: Tensor,
+        context_img: Tensor | None,
+        pab=None,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
         """`pab`: optional attention broadcast (easycache.pab): `pab(kind, attn, *args)` runs or reuses it."""
         mod = self.modulation.float() + e0  # [B, 6, D] fp32
         # Order: shift, scale, gate of the self-attention, then shift, scale, gate of the FFN.
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)  # [B, 1, D] each
         h = self.norm1(x).float() * (1 + scale1) + shift1  # [B, L, D]
-        y = self.self_attn(h, freqs) if pab is None else pab("spatial", self.self_attn, h, freqs)  # [B, L, D]
+        y = self.self_attn(h, freqs, sp) if pab is None else pab("spatial", self.self_attn, h, freqs, sp)
         x = x + y * gate1  # [B, L, D] fp32 from here on (upstream: fp32 gate, fp32 residual)
         h = self.norm3(x)  # [B, L, D]
         y = (
@@ -379,9 +418,10 @@ class MLPProj(nn.Module):
 
 
 class WanModel(nn.Module):
-    """Wan2.1 DiT; `state_dict()` keys are exactly those of the official checkpoints."""
+    """Wan2.1 DiT; `state_dict()` keys are exactly those of the official checkpoints. `attn_backend` picks
+    the attention kernel of every block (models.attention.BACKENDS); it holds no weights."""
 
-    def __init__(self, config: WanConfig):
+    def __init__(self, config: WanConfig, attn_backend: str = "auto"):
         super().__init__()
         self.config = config
         dim = config.dim
@@ -393,10 +433,12 @@ class WanModel(nn.Module):
         )
         self.time_embedding = nn.Sequential(Fp32Linear(config.freq_dim, dim), nn.SiLU(), Fp32Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), Fp32Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList([WanAttentionBlock(config) for _ in range(config.num_layers)])
+        self.blocks = nn.ModuleList(
+            [WanAttentionBlock(config, attn_backend) for _ in range(config.num_layers)]
+        )
         self.head = Head(dim, config.out_dim, config.patch_size, config.eps)
         if config.model_type == "i2v":
-            self.img_emb = MLPProj(CLIP_DIM, dim)
+            self.img_emb = MLPProj(config.image_dim, dim)
 
     def forward(
         self,
@@ -406,11 +448,15 @@ class WanModel(nn.Module):
         clip_fea: Tensor | None = None,
         y: Tensor | None = None,
         cache=None,
+        *,
+        sp: SequenceParallel | None = None,
     ) -> Tensor:
         """x [B, C, F, H, W] noisy latents, t [B] timesteps in [0, 1000), context [B, L<=text_len, text_dim]
         (rows past each prompt's length zero), i2v: clip_fea [B, I, 1280], y [B, C_y, F, H, W].
         `cache`: optional hook of one call (easycache.hooks: TeaCache, MagCache, PAB); None = the plain DiT.
-        Returns the flow prediction [B, out_dim, F, H, W] in fp32."""
+        sp: sequence parallelism (models.parallel): every rank passes the same full inputs, runs the blocks
+        on 1/P of the tokens and gets the same full output. Returns the flow prediction [B, out_dim, F, H,
+        W] in fp32."""
         self._check_inputs(x, t, context, clip_fea, y)
         cfg = self.config
         if y is not None:
@@ -420,6 +466,8 @@ class WanModel(nn.Module):
         # rearrange may return a strided view here; a channel-major residual stream slows every op after it.
         x = rearrange(x, "b d f h w -> b (f h w) d").contiguous()  # [B, L, D]
         freqs = rope_freqs((f, h, w), cfg.head_dim, x.device)  # [L, 1, Dh/2] complex128
+        if sp is not None:
+            x, freqs = shard_tokens(x, freqs, sp)  # [B, L'/P, D], [L'/P, 1, Dh/2]
 
         e = self.time_embedding(sinusoidal_embedding_1d(cfg.freq_dim, t).float())  # [B, D] fp32
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))  # [B, 6, D] fp32
@@ -438,10 +486,12 @@ class WanModel(nn.Module):
             x_in = x
             for i, block in enumerate(self.blocks):
                 pab = cache.attention(i) if cache is not None else None
-                x = block(x, e0, freqs, context, context_img, pab)  # [B, L, D] fp32
+                x = block(x, e0, freqs, context, context_img, pab, sp)  # [B, L, D] fp32
             if cache is not None:
                 cache.store_blocks(x_in, x)
         x = self.head(x, e)  # [B, L, P] fp32
+        if sp is not None:  # the head is per token: gather its (smaller) output, as upstream
+            x = sp.gather(x, dim=1)[:, : f * h * w]  # [B, L, P], the padding dropped
         pt, ph, pw = cfg.patch_size
         # The head's output channels are ordered (pt, ph, pw, c), c innermost, as upstream.
         return rearrange(
@@ -476,8 +526,10 @@ class WanModel(nn.Module):
         elif clip_fea is None or y is None:
             raise ValueError("an i2v model needs both clip_fea [B, 257, 1280] and y [B, C_y, F, H, W]")
         else:
-            if clip_fea.ndim != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != CLIP_DIM:
-                raise ValueError(f"clip_fea must be [B={b}, I, {CLIP_DIM}], got {tuple(clip_fea.shape)}")
+            if clip_fea.ndim != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != cfg.image_dim:
+                raise ValueError(
+                    f"clip_fea must be [B={b}, I, image_dim={cfg.image_dim}], got {tuple(clip_fea.shape)}"
+                )
             if y.ndim != 5 or y.shape[0] != b or y.shape[2:] != x.shape[2:]:
                 raise ValueError(
                     f"y must be [B, C_y, F, H, W] matching x {tuple(x.shape)}, got {tuple(y.shape)}"
@@ -485,6 +537,16 @@ class WanModel(nn.Module):
         channels = x.shape[1] + (0 if y is None else y.shape[1])
         if channels != cfg.in_dim:
             raise ValueError(f"x (+ y) has {channels} channels, the model expects in_dim={cfg.in_dim}")
+
+
+def shard_tokens(x: Tensor, freqs: Tensor, sp: SequenceParallel) -> tuple[Tensor, Tensor]:
+    """This rank's chunk of the token sequence and its RoPE rotations, as the official
+    xdit_context_parallel: the sequence is zero-padded to a multiple of P (the padded tokens take part in
+    attention there as well; the official sizes never need it) and the padded rotations are the identity."""
+    length = sp.padded_length(x.shape[1])
+    x = F.pad(x, (0, 0, 0, length - x.shape[1]))  # [B, L', D]
+    identity = torch.ones(length - freqs.shape[0], *freqs.shape[1:], dtype=freqs.dtype, device=freqs.device)
+    return sp.split(x, dim=1), sp.split(torch.cat([freqs, identity]), dim=0)  # [B, L'/P, D], [L'/P, 1, Dh/2]
 
 
 def flops_per_call(config: WanConfig, grid: tuple[int, int, int], batch: int = 1) -> dict[str, float]:
@@ -548,6 +610,7 @@ def load_wan(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     repo_id: str | None = None,
+    attn_backend: str = "auto",
 ) -> WanModel:
     """Load an official Wan2.1 DiT checkpoint directory strictly.
 
@@ -557,6 +620,7 @@ def load_wan(
         config: use this instead of `ckpt_dir/config.json`.
         device, dtype: where the weights go; with bf16/fp16 the fp32 islands stay fp32.
         repo_id: Hub repo named in the error message when files are missing (e.g. WAN_REPOS["t2v-1.3B"]).
+        attn_backend: the attention kernel (models.attention.BACKENDS).
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -572,11 +636,14 @@ def load_wan(
         _require(ckpt_dir, [f"{WEIGHTS}.safetensors (or its shards + .index.json)"], repo_id)
 
     with torch.device("meta"):
-        model = WanModel(config)
+        model = WanModel(config, attn_backend)
     keep = fp32_island_keys(model)
-    state = load_sharded_safetensors(ckpt_dir, WEIGHTS)
-    for k in list(state):  # cast key by key so that at most one extra tensor is alive at a time
-        state[k] = state[k].to(torch.float32 if k in keep else dtype)
+    # Cast each tensor as it is read, into memory of its own (copy=True: a tensor left viewing the memory
+    # map, e.g. an fp32 island, would keep every shard's pages mapped): the peak is the cast model plus one
+    # shard (benchmarks/loader_memory.py), not the whole fp32 state next to its cast copy.
+    state = load_sharded_safetensors(
+        ckpt_dir, WEIGHTS, cast=lambda k, t: t.to(torch.float32 if k in keep else dtype, copy=True)
+    )
     load_strict(model, state, source=ckpt_dir)
     return model.to(device).eval()
 

@@ -276,12 +276,15 @@ class WanVAE:
         return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
-    def encode(self, video: Tensor) -> Tensor:
-        """video [B,3,F,H,W] in [-1,1] -> z [B,Z,T,h,w] = (posterior mean - mean) / std, per channel."""
+    def encode(self, video: Tensor, *, check_range: bool = True) -> Tensor:
+        """video [B,3,F,H,W] in [-1,1] -> z [B,Z,T,h,w] = (posterior mean - mean) / std, per channel.
+
+        check_range=False lets values a little outside [-1, 1] through, as the official I2V encodes its
+        bicubic-resized first frame (models.wan_i2v); the check guards against uint8 frames passed as is."""
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"encode takes a video [B,3,F,H,W], got shape {tuple(video.shape)}")
         self._check_video_size(*video.shape[2:])
-        if video.min() < -1.001 or video.max() > 1.001:
+        if check_range and (video.min() < -1.001 or video.max() > 1.001):
             raise ValueError("encode takes pixel values in [-1, 1] (x / 127.5 - 1 for uint8 frames)")
         p = next(self.model.parameters())
         posterior = self.model.encode(video.to(p.device, p.dtype)).latent_dist

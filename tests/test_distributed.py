@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -73,3 +74,41 @@ def test_ranks_take_the_decisions_of_the_whole_batch():
         for s in (slice(0, 2), slice(2, 4))
     ]
     assert solo[0] != solo[1]
+
+
+def _divergent_worker(rank, world, init_file, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    init = f"file://{init_file}"
+    # A hang (ranks taking different branches) fails the test after a minute instead of blocking it.
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    x0, model = make_problem()
+
+    def sharded_dit(x, t):  # every call has a collective, like a sequence-parallel DiT
+        v = model(x, t)
+        dist.all_reduce(v)
+        return v / world
+
+    # Rank 1 would compute every step on its own (τ = 0); rank 0's decisions must win on both.
+    config = EasyCacheConfig(thresh=0.1 if rank == 0 else 0.0, warmup=4)
+    cache = EasyCache(config, N_STEPS, decision_group=dist.group.WORLD)
+    pattern, x = trajectory(x0, sharded_dit, cache)
+    notes = [r["note"] for r in cache.trace if r["note"]]
+    torch.save({"pattern": pattern, "x": x, "notes": notes}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_divergent_decision_is_overridden_by_rank_0():
+    x0, model = make_problem()
+    want_pattern, want_x = trajectory(x0, model, EasyCache(EasyCacheConfig(thresh=0.1, warmup=4), N_STEPS))
+    assert "S" in want_pattern
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_divergent_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    assert [r["pattern"] for r in results] == [want_pattern, want_pattern]
+    for r in results:  # v + v then / 2 is exact: the same trajectory bit for bit
+        assert torch.equal(r["x"], want_x)
+    assert results[0]["notes"] == []
+    assert len(results[1]["notes"]) == want_pattern.count("S")  # every skip was overridden on rank 1

@@ -272,3 +272,21 @@ def test_loop_matches_the_diffusers_pipeline(model_base, pipe, cfg_scale):
     ).frames  # fmt: skip
     assert ours.shape == expected.shape == (1, 4, 2, 4, 4)
     assert ((ours - expected).abs().max() / expected.abs().max()).item() < 1e-4
+
+
+def test_batched_true_cfg_equals_two_calls(pipe):
+    """--cfg-batch: one batch-2 DiT call per computed step, split back into the named branches before the
+    cache, gives the two-call loop's result (fp32; the batch-2 GEMMs may sum in another order: ≤ 1e-5)."""
+    pipe.args.cfg_scale = 3.0
+    try:
+        runs = {}
+        for batched in (False, True):
+            pipe.args.cfg_batch = batched
+            runs[batched] = pipe.generate(PROMPT, 5, EasyCacheConfig(thresh=1.0, warmup=2))
+    finally:
+        pipe.args.cfg_scale, pipe.args.cfg_batch = 1.0, None
+    two, one = runs[False], runs[True]
+    assert [r["compute"] for r in one.trace] == [r["compute"] for r in two.trace]  # same decisions
+    computed = one.cache_stats["num_computed"]
+    assert 0 < computed < 6 and one.dit_calls == computed and two.dit_calls == 2 * computed  # batched: 1
+    assert ((one.latents - two.latents).norm() / two.latents.norm()).item() <= 1e-5

@@ -145,3 +145,53 @@ def test_compare_sweep_shares_one_baseline(ckpt_dir, tmp_path):
     assert len(baselines) == 1  # the baseline ran (and was written) once for all three caches
     assert sorted(os.listdir(tmp_path)) == ["s.json", "s_0_baseline.mp4", "s_0_easycache_0.0.mp4",
                                             "s_0_easycache_10.0.mp4", "s_0_static_n_3.mp4"]  # fmt: skip
+
+
+def test_batched_cfg_equals_two_calls(ckpt_dir):
+    """--cfg_batch: one batch-2 DiT call on [x; x] with [cond; uncond] contexts (both padded to text_len, as
+    the DiT pads each), split back into the named branches before the cache, gives the two-call loop's result
+    (fp32; the batch-2 GEMMs may sum in another order, so ≤ 1e-5 relative, not bitwise)."""
+    runs = {}
+    for flag in ("--no-cfg_batch", "--cfg_batch"):
+        args = sample_wan.parse_args(
+            ["--task", "tiny", "--sample_steps", "8", "--warmup", "2", "--quiet", flag]
+        )
+        sample_wan.check_args(args)
+        pipe = sample_wan.WanT2V(sample_wan.TASKS["tiny"], str(ckpt_dir), args)
+        runs[flag] = pipe.generate(PROMPT, 5, EasyCacheConfig(thresh=1.0, warmup=2))
+    two, one = runs["--no-cfg_batch"], runs["--cfg_batch"]
+    assert [r["compute"] for r in one.trace] == [r["compute"] for r in two.trace]  # same decisions
+    computed = one.cache_stats["num_computed"]
+    assert 0 < computed < 8 and one.dit_calls == computed and two.dit_calls == 2 * computed
+    assert ((one.latents - two.latents).norm() / two.latents.norm()).item() <= 1e-5
+
+
+def test_cfg_batch_defaults_off_on_the_cpu():
+    args = sample_wan.parse_args(["--task", "tiny", "--device", "cpu"])
+    sample_wan.check_args(args)
+    assert args.cfg_batch is False and args.attention == "auto" and not args.compile
+
+
+@pytest.mark.parametrize(
+    "flags,moves",
+    [
+        ([], [("sampling", "dit")]),
+        # the official --offload_model: umT5 visits the device only to encode, the DiT leaves for the decode
+        (["--offload_model"], [("text", "t5"), ("text", "t5"), ("sampling", "dit"), ("vae", "dit")]),
+        (["--offload_model", "--t5_cpu"], [("sampling", "dit"), ("vae", "dit")]),  # umT5 never moves
+    ],
+)
+def test_offload_moves(ckpt_dir, flags, moves):
+    """The moves of each offload setting, in order, as the pipeline records them (each entry reads back the
+    device of the moved parameters). On this CPU-only machine every move lands on the CPU; on a GPU the same
+    sequence alternates between cuda and cpu."""
+    args = sample_wan.parse_args(
+        ["--task", "tiny", "--sample_steps", "2", "--warmup", "1", "--quiet", *flags]
+    )
+    sample_wan.check_args(args)
+    pipe = sample_wan.WanT2V(sample_wan.TASKS["tiny"], str(ckpt_dir), args)
+    gen = pipe.generate(PROMPT, 5, None)
+    record = gen.extra["placement"]
+    assert [(m["phase"], m["component"]) for m in record] == moves
+    assert all(m["device"] == "cpu" for m in record)
+    assert {p.device.type for p in pipe.text_encoder.model.parameters()} == {"cpu"}  # the encoder ends on CPU

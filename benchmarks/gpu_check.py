@@ -1,0 +1,440 @@
+"""One device check of the GPU speed path, for a person with one GPU and no weights (random weights).
+
+    python -m benchmarks.gpu_check                  # CUDA: Wan2.1-1.3B 832x480x81 + HunyuanVideo-13B, bf16
+    python -m benchmarks.gpu_check --small          # CPU smoke run: demo-size models, fp32, about a minute
+
+Per model, on the same random weights and inputs: seconds per DiT forward for ours and for diffusers' class
+(both on PyTorch SDPA, so the kernels match), the ratio, TFLOP/s and model-FLOP utilisation from the
+analytic FLOP count (benchmarks/flops.py), the memory a forward adds over the weights; ours again with the
+--attention backend, with --compile (per-block torch.compile) and with --cfg_batch (one batch-2 call against
+two batch-1 calls); the cost of one EasyCache decision and of one skipped step against the DiT. Written to
+<out>/gpu_check.json and <out>/gpu_check.md (a Markdown table for the README).
+
+Targets on an H100 (issue 23; a benchmark, never a timed test): ours >= 1.0x diffusers' speed, >= 40% MFU at
+480p x 81 in bf16, an EasyCache decision < 0.5% of one DiT call, a skipped step < 1% of a computed one.
+The full run does about 60 timed forwards and two compilations per model: a few minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.flops import hunyuan_forward_flops, wan_forward_flops
+from easycache import EasyCache, EasyCacheConfig
+from models.attention import BACKENDS, check_backend, resolve_backend
+from models.fast import compile_blocks
+from models.hunyuan import HUNYUAN_CONFIGS, HunyuanVideoConfig, guidance_input
+from models.wan import WAN_CONFIGS, WAN_TINY, WanConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Dense bf16/fp16 tensor-core peaks (vendor datasheets, SXM parts); --peak-tflops overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+# A CPU-sized HunyuanVideo with the real structure (double + single blocks, refiner, guidance input).
+HUNYUAN_SMALL = HunyuanVideoConfig(
+    hidden_size=128, heads_num=2, mm_double_blocks_depth=2, mm_single_blocks_depth=2,
+    rope_dim_list=(16, 24, 24), text_states_dim=64, text_states_dim_2=32, guidance_embed=True,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model at one size: the latent grid (T, H, W) follows the VAEs (4n+1 frames, 8x8 pixels)."""
+
+    name: str
+    family: str  # "wan" or "hunyuan"
+    config: WanConfig | HunyuanVideoConfig
+    latent: tuple[int, int, int]
+    text_len: int  # padded text tokens the DiT sees (Wan: text_len; HunyuanVideo: 256 officially)
+    text_valid: int  # valid (unpadded) text tokens
+
+
+def cases(small: bool, hunyuan_frames: int) -> list[Case]:
+    if small:  # the demo model's architecture at its size (64x64x17 -> 5x16x16 latent, 320 tokens)
+        return [
+            Case("Wan tiny (demo) 64x64x17", "wan", WAN_TINY, (5, 16, 16), WAN_TINY.text_len, 12),
+            Case("HunyuanVideo small 128x128x17", "hunyuan", HUNYUAN_SMALL, (5, 16, 16), 32, 12),
+        ]
+    frames = (hunyuan_frames - 1) // 4 + 1
+    return [
+        Case("Wan2.1-T2V-1.3B 832x480x81", "wan", WAN_CONFIGS["t2v-1.3B"], (21, 60, 104), 512, 77),
+        Case(
+            f"HunyuanVideo-13B 960x544x{hunyuan_frames}", "hunyuan", HUNYUAN_CONFIGS["t2v-720p"],
+            (frames, 68, 120), 256, 60,
+        ),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models and inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build(case: Case, device: str, dtype: torch.dtype, attn_backend: str):
+    """(ours, diffusers') with the same random weights; ours on `attn_backend`."""
+    torch.manual_seed(0)
+    if case.family == "wan":
+        from benchmarks.bench_wan import build_models
+
+        return build_models(case.config, device, dtype, attn_backend)
+    from benchmarks.bench_hunyuan import build_models
+
+    ref, ours = build_models(case.config, device, dtype, attn_backend)
+    return ours, ref
+
+
+def calls(case: Case, ours, ref, batch: int, device: str, dtype: torch.dtype):
+    """(run ours, run diffusers') on one set of inputs of `batch` samples (the CFG pair when batch is 2)."""
+    g = torch.Generator().manual_seed(1)
+    cfg = case.config
+    if case.family == "wan":
+        x = torch.randn(batch, cfg.in_dim, *case.latent, generator=g).to(device)
+        t = torch.full((batch,), 999.0, device=device)
+        ctx = torch.zeros(batch, case.text_len, cfg.text_dim)
+        ctx[:, : case.text_valid] = torch.randn(batch, case.text_valid, cfg.text_dim, generator=g)
+        ctx = ctx.to(device)
+        xr, ctxr = x.to(dtype), ctx.to(dtype)  # diffusers' pipeline hands inputs in the model dtype
+        return (lambda: ours(x, t, ctx)), (lambda: ref(xr, t, ctxr, return_dict=False)[0])
+    mask = (torch.arange(case.text_len) < case.text_valid).long()[None].expand(batch, -1).to(device)
+    a = dict(
+        x=torch.randn(batch, cfg.in_channels, *case.latent, generator=g).to(device, dtype),
+        t=torch.full((batch,), 900.0, device=device),
+        text_states=torch.randn(batch, case.text_len, cfg.text_states_dim, generator=g).to(device, dtype),
+        text_mask=mask.contiguous(),
+        text_states_2=torch.randn(batch, cfg.text_states_dim_2, generator=g).to(device, dtype),
+        guidance=guidance_input(6.0, batch, device, dtype),
+    )
+    ref_args = (a["x"], a["t"], a["text_states"], a["text_mask"], a["text_states_2"])
+    return (lambda: ours(**a)), (lambda: ref(*ref_args, guidance=a["guidance"], return_dict=False)[0])
+
+
+def forward_flops(case: Case, batch: int) -> int:
+    if case.family == "wan":
+        return sum(wan_forward_flops(case.config, case.latent, batch).values())
+    return sum(hunyuan_forward_flops(case.config, case.latent, case.text_len, batch).values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Device:
+    """Synchronisation and memory readings for one device (memory only on CUDA)."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def name(self) -> str:
+        if self.cuda:
+            return torch.cuda.get_device_name(self.device)
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def seconds(fn, dev: Device, clock=time.perf_counter) -> float:
+    dev.sync()
+    start = clock()
+    fn()
+    dev.sync()
+    return clock() - start
+
+
+def measure(fn, dev: Device, warmup: int, reps: int) -> dict:
+    """First-call, median and min wall seconds of `fn`, and the memory it adds over what was allocated before.
+    On the CPU also the median process CPU seconds (`cpu_s`): on a shared machine they leave out the time
+    spent waiting for other processes, which wall time does not; ratios on the CPU use them."""
+    first = seconds(fn, dev)  # includes compilation for a compiled model
+    for _ in range(warmup - 1):
+        fn()
+    before = dev.allocated()
+    dev.reset_peak()
+    times, cpu = [], []
+    for _ in range(reps):
+        start = time.process_time()
+        times.append(seconds(fn, dev))
+        cpu.append(time.process_time() - start)
+    return {
+        "first_s": first,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "cpu_s": None if dev.cuda else statistics.median(cpu),
+        "activation_gib": (dev.peak() - before) / 2**30 if dev.cuda else None,
+    }
+
+
+def paired_speedup(single, batched, dev: Device, reps: int) -> float:
+    """Median over interleaved pairs of (two batch-1 calls) / (one batch-2 call): the --cfg_batch speed-up
+    measured so that load drifting on a shared machine hits both sides alike (CPU seconds on the CPU)."""
+    clock = time.perf_counter if dev.cuda else time.process_time
+    ratios = []
+    for _ in range(reps):
+        a = seconds(lambda: (single(), single()), dev, clock)
+        ratios.append(a / seconds(batched, dev, clock))
+    return statistics.median(ratios)
+
+
+def cost(m: dict) -> float:
+    """The seconds a ratio compares: wall median on a GPU, process CPU seconds on the CPU (see measure)."""
+    return m["median_s"] if m["cpu_s"] is None else m["cpu_s"]
+
+
+def cache_costs(x: torch.Tensor, dev: Device, reps: int) -> dict:
+    """Seconds of one EasyCache decision (should_compute at a deciding step: the norms and the one host sync),
+    of update() after a computed step, and of a whole skipped step (decision + reuse of both CFG branches +
+    the guidance combine), on latents of the real size in fp32 (the sample loops keep latents fp32). Wall
+    seconds on a GPU, process CPU seconds on the CPU (as `cost`)."""
+    clock = time.perf_counter if dev.cuda else time.process_time
+    n = reps + 2
+    cache = EasyCache(EasyCacheConfig(thresh=1e30, warmup=2), num_steps=n + 1)  # skip every step after R
+    g = torch.Generator(x.device).manual_seed(2)
+    dx = torch.randn(x.shape, generator=g, device=x.device)
+    decide, update, skip = [], [], []
+    for i in range(n):
+        xi = x + (0.01 * i) * dx  # the latent moves from step to step, as in sampling
+        if i < 2:  # warm-up steps: computed, they give the cache its k
+            cache.should_compute(i, xi)
+            v = {"cond": xi * (1.0 - 0.1 * i) + dx, "uncond": xi * 0.5 - dx}
+            update.append(seconds(lambda: cache.update(xi, v), dev, clock))  # noqa: B023
+            continue
+        dev.sync()
+        start = clock()
+        computed = cache.should_compute(i, xi)  # a Python bool: the host has synchronised
+        mid = clock()
+        v = cache.reuse(xi)
+        noise_pred = v["uncond"] + 5.0 * (v["cond"] - v["uncond"])
+        dev.sync()
+        end = clock()
+        assert not computed and noise_pred.shape == x.shape
+        decide.append(mid - start)
+        skip.append(end - start)
+    return {
+        "decision_s": statistics.median(decide),
+        "update_s": statistics.median(update),
+        "skipped_step_s": statistics.median(skip),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The check
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | None) -> dict:
+    """Every measurement of one model; the diffusers model is freed before ours is compiled."""
+    rows, w, r = [], args.warmup, args.reps
+
+    def row(label: str, batch: int, m: dict, attn: str, compiled: bool = False) -> dict:
+        flops = forward_flops(case, batch)
+        tflops = flops / cost(m) / 1e12
+        rows.append(
+            dict(label=label, batch=batch, attention=attn, compiled=compiled, flops=flops, tflops=tflops,
+                 mfu=tflops / peak if peak else None, **m)
+        )  # fmt: skip
+        mfu = f"  MFU {tflops / peak:.1%}" if peak else ""
+        cpu = "" if m["cpu_s"] is None else f"  CPU {m['cpu_s']:.4f} s"
+        print(f"  {label:<34} B={batch}  median {m['median_s']:.4f} s  min {m['min_s']:.4f} s{cpu}  "
+              f"{tflops:8.4g} TFLOP/s{mfu}", flush=True)  # fmt: skip
+        return m
+
+    ours, ref = build(case, args.device, dtype, "sdpa")
+    weights_gib = dev.allocated() / 2**30 if dev.cuda else None
+    one_ours, one_ref = calls(case, ours, ref, 1, args.device, dtype)
+    with torch.inference_mode():
+        out, expected = one_ours().float(), one_ref().float()
+        rel = ((out - expected).norm() / expected.norm()).item()
+        print(f"{case.name}: relative difference ours vs diffusers {rel:.2e}", flush=True)
+        ref_m = row("diffusers (SDPA)", 1, measure(one_ref, dev, w, r), "sdpa")
+        ours_m = row("ours (SDPA)", 1, measure(one_ours, dev, w, r), "sdpa")
+    del ref, one_ref, one_ours, out, expected
+    dev.free()
+    backend = resolve_backend(args.attention, args.device, dtype)
+    if backend != "sdpa":  # the same weights on the chosen kernel (ours only: diffusers has its own)
+        ours = _rebuild_with(ours, case, backend)
+    one, _ = calls(case, ours, None, 1, args.device, dtype)
+    two, _ = calls(case, ours, None, 2, args.device, dtype)
+    with torch.inference_mode():
+        eager1 = (
+            row(f"ours ({backend})", 1, measure(one, dev, w, r), backend) if backend != "sdpa" else ours_m
+        )
+        row(f"ours ({backend}) --cfg_batch", 2, measure(two, dev, w, r), backend)
+        cfg_speedup = paired_speedup(one, two, dev, r)
+        x = torch.randn(1, 16, *case.latent, device=args.device)
+        costs = cache_costs(x, dev, max(r, 10))
+        compiled = {}
+        if not args.no_compile:
+            # one static graph per block kind and batch size
+            compile_blocks(ours, dynamic=False, backend=args.compile_backend)
+            compiled[1] = row(f"ours ({backend}) --compile", 1, measure(one, dev, w, r), backend, True)
+            compiled[2] = row(
+                f"ours ({backend}) --compile --cfg_batch", 2, measure(two, dev, w, r), backend, True
+            )
+    del ours, one, two
+    dev.free()
+    fwd = cost(eager1)
+    computed_step = costs["decision_s"] + 2 * fwd + costs["update_s"]  # two CFG calls, as the official loop
+    summary = {
+        "ours_over_diffusers_time": cost(ours_m) / cost(ref_m),
+        "cfg_batch_speedup": cfg_speedup,  # interleaved pairs (the rows above are timed one after the other)
+        "compile_speedup": fwd / cost(compiled[1]) if compiled else None,
+        "compile_cfg_batch_speedup": 2 * cost(compiled[1]) / cost(compiled[2]) if compiled else None,
+        "decision_over_dit_call": costs["decision_s"] / fwd,
+        "skipped_over_computed_step": costs["skipped_step_s"] / computed_step,
+    }
+    print("  " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if v is not None), flush=True)
+    return dict(
+        name=case.name, family=case.family, latent=list(case.latent), text_len=case.text_len,
+        tokens=math.prod(s // p for s, p in zip(case.latent, case.config.patch_size)),
+        rel_diff_vs_diffusers=rel, weights_gib=weights_gib, rows=rows, cache=costs, summary=summary,
+    )  # fmt: skip
+
+
+def _rebuild_with(ours, case: Case, backend: str):
+    """The same module tree and tensors on another attention kernel (built on meta, tensors assigned)."""
+    from models.hunyuan import HunyuanVideoModel
+    from models.wan import WanModel
+
+    cls = WanModel if case.family == "wan" else HunyuanVideoModel
+    with torch.device("meta"):
+        other = cls(case.config, attn_backend=backend)
+    other.load_state_dict(ours.state_dict(), strict=True, assign=True)
+    return other.eval()
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [
+        f"Device: {env['device']}; torch {env['torch']}; {env['dtype']}; "
+        f"peak {env['peak_tflops'] or 'n/a'} TFLOP/s; {env['warmup']} warm-up + {env['reps']} timed calls; "
+        f"torch.compile backend {env['compile_backend']}; ratios and TFLOP/s from {env['timing']} seconds.",
+        "",
+        "| model | run | B | s / forward (median) | min | CPU s | first call | TFLOP/s | MFU | +GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in result["cases"]:
+        for r in case["rows"]:
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            mem = f"{r['activation_gib']:.1f}" if r["activation_gib"] is not None else "n/a"
+            cpu = f"{r['cpu_s']:.4f}" if r["cpu_s"] is not None else "n/a"
+            lines.append(
+                f"| {case['name']} | {r['label']} | {r['batch']} | {r['median_s']:.4f} | {r['min_s']:.4f} | "
+                f"{cpu} | {r['first_s']:.2f} | {r['tflops']:.4g} | {mfu} | {mem} |"
+            )
+    lines += [
+        "",
+        "| model | ours / diffusers time | --cfg_batch speed-up | --compile speed-up | both | "
+        "decision / DiT call | skipped / computed step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v, f: "n/a" if v is None else format(v, f) + ("x" if f == ".3f" else "")  # noqa: E731
+    for case in result["cases"]:
+        s = case["summary"]
+        both = None
+        if s["compile_speedup"] is not None:
+            both = s["compile_speedup"] * s["compile_cfg_batch_speedup"]
+        lines.append(
+            f"| {case['name']} | {fmt(s['ours_over_diffusers_time'], '.4f')} | "
+            f"{fmt(s['cfg_batch_speedup'], '.3f')} | {fmt(s['compile_speedup'], '.3f')} | "
+            f"{fmt(both, '.3f')} | "
+            f"{fmt(s['decision_over_dit_call'], '.3%')} | {fmt(s['skipped_over_computed_step'], '.3%')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="CPU smoke run: demo-size models in fp32")
+    p.add_argument("--device", help="default: cuda (cpu with --small)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bf16 (fp32 with --small)")
+    p.add_argument("--attention", choices=BACKENDS, default="auto", help="ours' kernel for the speed rows")
+    p.add_argument("--models", default="wan,hunyuan", help="comma list of wan, hunyuan")
+    p.add_argument("--hunyuan-frames", type=int, default=33, help="HunyuanVideo frames at 960x544 (4n+1)")
+    p.add_argument("--warmup", type=int, default=2, help="calls before timing (the first one is reported)")
+    p.add_argument("--reps", type=int, default=5, help="timed calls per row")
+    p.add_argument("--no-compile", action="store_true", help="skip the --compile rows")
+    p.add_argument(
+        "--compile-backend",
+        help="torch.compile backend (default inductor; with --small aot_eager: inductor's C++ compilation "
+        "takes minutes on a small CPU, and CPU timings prove nothing about a GPU anyway)",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 gives steadier CPU seconds)")
+    p.add_argument("--peak-tflops", type=float, help="for MFU (default: from the GPU's name; none on CPU)")
+    p.add_argument("--out", default="outputs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cpu" if args.small else "cuda")
+    args.dtype = args.dtype or ("fp32" if args.small else "bf16")
+    args.compile_backend = args.compile_backend or ("aot_eager" if args.small else "inductor")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("no CUDA device here: run with --small (CPU) or on a GPU machine")
+        if args.warmup < 1 or args.reps < 1 or (args.hunyuan_frames - 1) % 4:
+            raise ValueError("need --warmup >= 1, --reps >= 1 and --hunyuan-frames = 4n+1")
+        families = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not families or set(families) - {"wan", "hunyuan"}:
+            raise ValueError(f"--models takes a comma list of wan, hunyuan; got {args.models!r}")
+        check_backend(args.attention, args.device, DTYPES[args.dtype])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev, dtype = Device(args.device), DTYPES[args.dtype]
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in dev.name()), None)
+    if not dev.cuda:
+        peak = args.peak_tflops  # no vendor peak for a CPU
+    env = dict(device=dev.name(), torch=torch.__version__, dtype=args.dtype, peak_tflops=peak,
+               warmup=args.warmup, reps=args.reps, attention=args.attention, small=args.small,
+               compile_backend=args.compile_backend,
+               timing="wall" if dev.cuda else "process CPU")  # fmt: skip
+    print(f"gpu_check on {env['device']}, {args.dtype}, torch {torch.__version__}", flush=True)
+    start = time.perf_counter()
+    results = []
+    for case in cases(args.small, args.hunyuan_frames):
+        if case.family in families:
+            results.append(run_case(case, args, dev, dtype, peak))
+    env["total_seconds"] = time.perf_counter() - start
+    result = {"environment": env, "cases": results}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    table = markdown(result)
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write(table)
+    print(table + f"written to {args.out}/gpu_check.{{json,md}} in {env['total_seconds']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

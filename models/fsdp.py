@@ -1,0 +1,63 @@
+"""FSDP2 sharding of a loaded model for multi-GPU inference (`--dit_fsdp`, `--t5_fsdp`).
+
+Each rank keeps 1/N of every parameter (dim-0 chunks) and all-gathers one unit (a DiT block, a T5 block)
+just before it runs, freeing the gathered copy right after. The official Wan code does the same with FSDP1
+per attention block (`wan/distributed/fsdp.py`), whose `sync_module_states=True` refuses CPU parameters;
+FSDP2's `fully_shard` runs on gloo/CPU as on NCCL/GPU, and is bitwise equal to the unsharded model there.
+
+FSDP2 all-gathers a unit's parameters as one flat buffer of one dtype, while our half-precision models keep
+fp32 islands (norms, modulation tables, time embedding: see models.wan.fp32_island_keys). So every unit is
+split by dtype: its half-precision leaf modules form one group, the rest (fp32) stays with the unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def shard_model(model: nn.Module, units: Iterable[nn.Module]) -> nn.Module:
+    """Shard `model` in place over all ranks of the default process group: each of `units` (e.g. the DiT
+    blocks, in forward order) is one all-gather unit, and the root holds what is left (embeddings, head).
+    Parameters stay in their dtype; the forward is unchanged. Returns `model`."""
+    for unit in units:
+        _shard_by_dtype(unit)
+    _shard_by_dtype(model)
+    return model
+
+
+def _shard_by_dtype(unit: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    groups: dict[torch.dtype, list[nn.Module]] = {}
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, FSDPModule):  # an inner unit, sharded already
+                continue
+            own = list(child.parameters(recurse=False))
+            if own:
+                groups.setdefault(own[0].dtype, []).append(child)
+            visit(child)
+
+    visit(unit)
+    dtypes = set(groups) | {p.dtype for p in unit.parameters(recurse=False)}
+    # One dtype: the unit is one group. Mixed: fp32 (the islands) stays with the unit itself, and each other
+    # dtype becomes its own group of leaf modules (the Linear/Conv weights of the half-precision model).
+    for dtype, modules in groups.items():
+        if len(dtypes) > 1 and dtype != torch.float32:
+            mixed = [m for m in modules if any(p.dtype != dtype for p in m.parameters(recurse=False))]
+            if mixed:
+                raise ValueError(f"cannot shard {type(mixed[0]).__name__}: its parameters mix dtypes")
+            fully_shard(modules)
+    fully_shard(unit)
+
+
+def sharded_fraction(model: nn.Module) -> float:
+    """Elements this rank holds / elements of the full model (1/N for a fully sharded model)."""
+    from torch.distributed.tensor import DTensor
+
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    return local / sum(p.numel() for p in model.parameters())
