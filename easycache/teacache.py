@@ -127,7 +127,9 @@ class TeaCache(HookCache):
         self.acc[branch] = self.acc.get(branch, 0.0) + poly(cfg.coefficients, d)
         rec.setdefault("rel_l1", {})[branch] = d
         rec.setdefault("acc_by_branch", {})[branch] = self.acc[branch]
-        if self.acc[branch] < cfg.rel_l1_thresh:
+        # A fitted polynomial can be negative for small d, and the official `acc < thresh` would then skip
+        # even at τ = 0; here τ = 0 means "never skip" (bit-identical to no cache), as documented.
+        if cfg.rel_l1_thresh > 0 and self.acc[branch] < cfg.rel_l1_thresh:
             return False, "reuse"
         self.acc[branch] = 0.0
         return True, "threshold"

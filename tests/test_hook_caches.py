@@ -455,3 +455,9 @@ def test_pareto_merges_reports_split_by_seed_and_prints_the_table(tmp_path, caps
     out = capsys.readouterr().out
     assert "| pab spatial_range=2 | 2 | 1.00× | 1.40× |" in out and "41.0 ± 1.0" in out
     assert (tmp_path / "m.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_teacache_threshold_zero_never_skips_even_where_the_polynomial_is_negative():
+    coefficients = (0.0, -1.0)  # poly(d) = -d < 0: the accumulator goes negative
+    ran = run(TeaCache(TeaCacheConfig(rel_l1_thresh=0.0, coefficients=coefficients), 10), random_probes(10))
+    assert all(ran)

@@ -1,12 +1,14 @@
 """sample_hunyuan.py's loop with TeaCache, MagCache and PAB (the cfg-distilled model: one "cond" call)."""
 
 import numpy as np
+import pytest
 import torch
 
 from easycache import MagCacheConfig, PABConfig, TeaCacheConfig
 from tests.test_sample_hunyuan import PROMPT, model_base, one_thread, pipe  # noqa: F401 (fixtures)
 
 
+@pytest.mark.slow
 def test_each_method_at_threshold_zero_is_the_baseline(pipe):  # noqa: F811
     base = pipe.generate(PROMPT, 5, None)
     for cfg in (

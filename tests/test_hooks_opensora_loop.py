@@ -1,6 +1,7 @@
 """sample_opensora.py's loop with TeaCache, MagCache and PAB on one batched [cond; uncond] call per step."""
 
 import numpy as np
+import pytest
 import torch
 
 from easycache import MagCacheConfig, PABConfig, TeaCacheConfig
@@ -8,6 +9,7 @@ from easycache.published import MAG_RATIOS
 from tests.test_sample_opensora import PROMPT, STEPS, _one_thread, ckpt, pipe  # noqa: F401 (fixtures)
 
 
+@pytest.mark.slow
 def test_each_method_at_threshold_zero_is_the_baseline(pipe):  # noqa: F811
     base = pipe.generate(PROMPT, 5, None)
     for cfg in (

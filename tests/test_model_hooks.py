@@ -148,6 +148,7 @@ def test_wan_flops_per_call_counts_each_part():
 from tests.test_sample_wan import PROMPT, ckpt_dir  # noqa: E402, F401 (a fixture)
 
 
+@pytest.mark.slow
 def test_wan_loop_with_each_method_at_threshold_zero_is_the_baseline(ckpt_dir):  # noqa: F811
     import sample_wan
 
