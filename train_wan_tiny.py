@@ -414,6 +414,35 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | No
     return (weight * err).mean() / weight.mean()
 
 
+def dit_update(
+    model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss, step: int, ema_max: float
+):
+    """One optimiser step (gradients clipped to norm 1), then the weight EMA with a short ramp (the shared
+    inner step of the T2V and I2V DiT runs)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    decay = min(ema_max, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def save_dit_state(
+    path: str, model: torch.nn.Module, ema: torch.nn.Module, opt, gen: torch.Generator, step: int
+) -> None:
+    """What a DiT run resumes from: weights, EMA, optimiser, the data generator and the next step."""
+    save_state(
+        path,
+        model=model.state_dict(),
+        ema=ema.state_dict(),
+        opt=opt.state_dict(),
+        gen=gen.get_state(),
+        step=step,
+    )
+
+
 def train_dit(args) -> None:
     data = torch.load(os.path.join(args.work_dir, "latents.pt"), weights_only=False)
     check_geometry(data, os.path.join(args.work_dir, "latents.pt"), args.shapes)
@@ -464,25 +493,11 @@ def train_dit(args) -> None:
         ctx = context[torch.where(drop, null, caption[idx])]  # [B, 16, 64]
         pred = model(x_t, sigma * 1000, ctx)
         loss = flow_loss(pred, noise - x0, None if masks is None else masks[idx], args.dit_fg_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))  # EMA with a short ramp
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        dit_update(model, ema, opt, loss, step, args.ema)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log(args.work_dir, "dit", {"step": step, "loss": loss.item(), "lr": lr})
         if (step + 1) % args.save_every == 0 or step + 1 == total:
-            save_state(
-                path,
-                model=model.state_dict(),
-                ema=ema.state_dict(),
-                opt=opt.state_dict(),
-                gen=gen.get_state(),
-                step=step + 1,
-            )
+            save_dit_state(path, model, ema, opt, gen, step + 1)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from models.wan_clip import CLIP_FILE, CLIP_TINY, WanClipEncoder, convert_clip_v
 from models.wan_i2v import encode_condition, resize_image
 from models.wan_t5 import UMT5_TINY, WanTextEncoder, pad_context
 from models.wan_vae import WAN_VAE_FILE, WAN_VAE_TINY, WanVAE
-from train_wan_tiny import log, save_state, warm_cosine
+from train_wan_tiny import dit_update, log, save_dit_state, save_state, warm_cosine
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 DIT_FILE = f"{WEIGHTS}.safetensors"
@@ -172,25 +172,11 @@ def train_dit(args) -> None:
         weight = torch.ones(1, 1, err.shape[2], 1, 1)
         weight[:, :, 0] = args.first_weight
         loss = (err * weight).mean() / weight.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        dit_update(model, ema, opt, loss, step, args.ema)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log(args.work_dir, "dit", {"step": step, "loss": loss.item(), "lr": lr, "t": time.time()})
         if (step + 1) % args.save_every == 0 or step + 1 == args.dit_steps:
-            save_state(
-                path,
-                model=model.state_dict(),
-                ema=ema.state_dict(),
-                opt=opt.state_dict(),
-                gen=gen.get_state(),
-                step=step + 1,
-            )
+            save_dit_state(path, model, ema, opt, gen, step + 1)
 
 
 def export(args) -> None:

@@ -18,6 +18,7 @@ from train_wan_tiny import (
     VAE_ARCH,
     check_geometry,
     dit_lr,
+    dit_update,
     dit_shift,
     export,
     flow_loss,
@@ -380,3 +381,18 @@ def test_decoder_fine_tune_on_other_shapes_is_refused(tmp_path):
     with pytest.raises(ValueError, match="fine-tunes the decoder on .* not the --shapes small"):
         train_decoder(decoder_args(tmp_path, 2, shapes="small"))
     assert (tmp_path / "decoder_state.pt").read_bytes() == before
+
+
+def test_dit_update_steps_the_model_and_ramps_the_ema():
+    # the inner step shared by the T2V and I2V runs: AdamW on the model, then the EMA lerps towards it with
+    # decay min(ema, (1 + step) / (10 + step)): 0.1 at step 0, so the EMA moves 90% of the way there
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema.load_state_dict(model.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    loss = model(torch.ones(1, 3)).square().sum()
+    dit_update(model, ema, opt, loss, 0, 0.999)
+    for b, p, e in zip(before, model.parameters(), ema.parameters()):
+        assert not torch.equal(p, b)
+        torch.testing.assert_close(e, 0.1 * b + 0.9 * p.detach(), rtol=0, atol=1e-6)
