@@ -23,13 +23,17 @@ class StaticCacheConfig:
     compute_last: bool = True
     """Always compute the last step."""
 
+    forecast: bool = False
+    """Extrapolate Δ to first order on skipped steps, as EasyCacheConfig.forecast (issue 25's ablation)."""
+
     def __post_init__(self):
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"StaticCacheConfig.interval must be an int >= 1, got {self.interval!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"StaticCacheConfig.warmup (R) must be an int >= 0, got {self.warmup!r}")
-        if not isinstance(self.compute_last, bool):
-            raise ValueError(f"StaticCacheConfig.compute_last must be a bool, got {self.compute_last!r}")
+        for name in ("compute_last", "forecast"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"StaticCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
 class StaticCache(StepCache):
@@ -47,7 +51,7 @@ class StaticCache(StepCache):
     ):
         if not isinstance(config, StaticCacheConfig):
             raise TypeError(f"config must be a StaticCacheConfig, got {type(config).__name__}")
-        super().__init__(num_steps, group=group, decision_group=decision_group)
+        super().__init__(num_steps, forecast=config.forecast, group=group, decision_group=decision_group)
         if config.warmup >= num_steps:
             raise ValueError(
                 f"StaticCacheConfig.warmup (R={config.warmup}) must be smaller than the {num_steps} "

@@ -29,6 +29,7 @@ from torch import Tensor
 from .base import StepCache
 
 K_UPDATES = ("local", "mean", "ema")
+ACCUMULATE = ("change", "integral")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,19 @@ class EasyCacheConfig:
     """Ablation: on a skipped step return the last computed output v_i itself instead of x_t + Δ_i (the
     naive output cache that the transformation vector improves on; commented out in the authors' code)."""
 
+    forecast: bool = False
+    """Variant (issue 25, not in the paper): on a skipped step t extrapolate the transformation vector to
+    first order from the last two computed steps j < i, Δ̂_t = Δ_i + (t − i)/(i − j)·(Δ_i − Δ_j), instead of
+    reusing Δ_i as it is (TaylorSeer's forecast, applied to the whole-model Δ rather than to features)."""
+
+    accumulate: str = "change"
+    """What is held against τ: "change" (the paper) E_t = Σ ε_n, the predicted change of the output since
+    step i; "integral" (variant) S_t = Σ_{m=i+1..t} E_m, the summed error of every output reused since step
+    i, which grows with the age of the cache (each reused output's error feeds the sampler again)."""
+
+    max_skips: int = 0
+    """Variant: at most this many skipped steps in a row (MagCache's K); 0 = no cap (the paper)."""
+
     branch: str | None = None
     """The CFG branch whose output drives k and ‖v_i‖ (e.g. "cond", as the authors' even calls); None: the
     first branch handed to update(). All branches share the one decision per step either way."""
@@ -77,7 +91,17 @@ class EasyCacheConfig:
             raise ValueError(f"EasyCacheConfig.k_update must be one of {K_UPDATES}, got {self.k_update!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"EasyCacheConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        for name in ("compute_last", "reuse_output"):
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(
+                f"EasyCacheConfig.accumulate must be one of {ACCUMULATE}, got {self.accumulate!r}"
+            )
+        if isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 0:
+            raise ValueError(f"EasyCacheConfig.max_skips must be an int >= 0, got {self.max_skips!r}")
+        if self.forecast and self.reuse_output:
+            raise ValueError(
+                "EasyCacheConfig: forecast extrapolates Δ; it cannot be combined with reuse_output"
+            )
+        for name in ("compute_last", "reuse_output", "forecast"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EasyCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -98,7 +122,8 @@ class EasyCache(StepCache):
     ):
         if not isinstance(config, EasyCacheConfig):
             raise TypeError(f"config must be an EasyCacheConfig, got {type(config).__name__}")
-        kw = dict(reuse_output=config.reuse_output, branch=config.branch, group=group, first_step=first_step)
+        kw = dict(reuse_output=config.reuse_output, forecast=config.forecast, branch=config.branch)
+        kw.update(group=group, first_step=first_step)
         super().__init__(num_steps, **kw, decision_group=decision_group)
         if config.warmup >= num_steps:
             raise ValueError(
@@ -108,6 +133,8 @@ class EasyCache(StepCache):
         self.config = config
         self.k: float | None = None  # k_i as used in ε (host float)
         self.acc = 0.0  # E_t
+        self.integral = 0.0  # S_t (accumulate="integral")
+        self.run = 0  # skipped steps in a row (max_skips)
         self._num_rates = 0  # finite rates folded into k (for "mean")
         self._new_rates: list[Tensor] = []  # rates measured since the last host sync, still on the device
         self._last_v_norm: Tensor | None = None  # ‖v_i‖ of the last computed step (first branch)
@@ -116,7 +143,8 @@ class EasyCache(StepCache):
     def _decide(self, step: int, x: Tensor, record: dict) -> tuple[bool, str]:
         cfg = self.config
         if step < cfg.warmup or (cfg.compute_last and step == self.num_steps - 1):
-            self.acc = 0.0  # warm-up and the last step always compute and reset E
+            self.acc = self.integral = 0.0  # warm-up and the last step always compute and reset E
+            self.run = 0
             record["acc"] = 0.0
             return True, "warmup" if step < cfg.warmup else "last_step"
         # One host sync per decision: fetch ‖x_t − x_{t−1}‖, ‖v_i‖ and the rates measured since the last
@@ -134,7 +162,8 @@ class EasyCache(StepCache):
         if bad_rate or not (math.isfinite(input_change) and math.isfinite(last_v_norm) and last_v_norm > 0):
             # A zero denominator (no input change between the two computed steps, an all-zero output) or a
             # non-finite statistic: the prediction is meaningless, so compute and start afresh.
-            self.acc = 0.0
+            self.acc = self.integral = 0.0
+            self.run = 0
             record["note"] = "degenerate statistic: " + (
                 "transformation rate is not finite"
                 if bad_rate
@@ -143,11 +172,16 @@ class EasyCache(StepCache):
             return True, "degenerate"
         eps = self.k * input_change / last_v_norm  # ε_t = k_i ‖x_t − x_{t−1}‖ / ‖v_i‖
         self.acc += eps  # E_t = E_{t−1} + ε_t
-        record["eps"], record["acc"] = eps, self.acc
-        if self.acc < cfg.thresh:
+        self.integral += self.acc  # S_t = S_{t−1} + E_t (accumulate="integral")
+        measure = self.acc if cfg.accumulate == "change" else self.integral
+        record["eps"], record["acc"] = eps, measure
+        capped = cfg.max_skips and self.run >= cfg.max_skips
+        if measure < cfg.thresh and not capped:
+            self.run += 1
             return False, "reuse"
-        self.acc = 0.0  # E_t ≥ τ: compute this step and restart the accumulation
-        return True, "threshold"
+        self.acc = self.integral = 0.0  # E_t ≥ τ: compute this step and restart the accumulation
+        self.run = 0
+        return True, "threshold" if not capped or measure >= cfg.thresh else "max_skips"
 
     def _observe(self, x: Tensor, v: Tensor) -> None:
         if self._last_v is not None:
