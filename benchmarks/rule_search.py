@@ -1,6 +1,6 @@
-"""Issue 25's experiment: variants of the EasyCache rule against every baseline, on two settings, at equal work.
+"""Issue 25's experiment: variants of the EasyCache rule against every baseline, two settings, equal work.
 
-    python -m benchmarks.rule_search run --out outputs/rule_search            # every (setting, series) missing
+    python -m benchmarks.rule_search run --out outputs/rule_search     # every (setting, series) missing
     python -m benchmarks.rule_search run --out outputs/rule_search --only demo:static,demo:easycache
     python -m benchmarks.rule_search analyze --out outputs/rule_search --md docs/rule_search_table.md
 
@@ -77,8 +77,19 @@ def calibrate(out: str, setting: str) -> str:
     path = calibration(out, setting)
     if not os.path.exists(path):
         analyze = os.path.join(out, setting, "calib", "analyze.mp4")
-        _run([*_sample(setting), "--cache", "analyze", "--prompts", CALIB_PROMPTS, "--base_seed", str(CALIB_SEED),
-              "--save_file", analyze])  # fmt: skip
+        seed = ["--base_seed", str(CALIB_SEED)]
+        _run(
+            [
+                *_sample(setting),
+                "--cache",
+                "analyze",
+                "--prompts",
+                CALIB_PROMPTS,
+                *seed,
+                "--save_file",
+                analyze,
+            ]
+        )
         _run(
             [sys.executable, "-m", "easycache.calibrate", analyze[:-4] + ".json", "-o", path, "--probe", "e"]
         )
@@ -95,9 +106,10 @@ def run(out: str, only: list[str] | None) -> None:
             if os.path.exists(report):
                 continue
             calib_flags = ["--teacache.coefficients", calib, "--magcache.mag_ratios", calib]
-            _run([*_sample(setting), "--compare", "--prompts", PROMPTS, "--num-seeds", str(SEEDS),
-                  "--base_seed", str(BASE_SEED), *calib_flags, *flags, "--sweep", sweep, "--no-lpips", "--quiet",
-                  "--save_file", os.path.join(out, setting, name, "x.mp4"), "--report", report])  # fmt: skip
+            runs = ["--prompts", PROMPTS, "--num-seeds", str(SEEDS), "--base_seed", str(BASE_SEED)]
+            files = ["--save_file", os.path.join(out, setting, name, "x.mp4"), "--report", report]
+            sweep_flags = [*calib_flags, *flags, "--sweep", sweep, "--no-lpips", "--quiet"]
+            _run([*_sample(setting), "--compare", *runs, *sweep_flags, *files])
 
 
 def _sample(setting: str) -> list[str]:
@@ -182,10 +194,12 @@ def markdown(summaries: dict[str, dict]) -> str:
     lines = []
     for setting, table in summaries.items():
         names = [n for n in SERIES if any(n in table[x]["series"] for x in TARGETS)]
-        lines += [f"**{setting}** (PSNR in dB at equal work ratio, mean ± std over 12 runs; Δ: paired difference "
-                  "against the authors' rule / the best baseline at that ratio, and the runs it wins)", "",
-                  "| series | " + " | ".join(f"{x:g}×" for x in TARGETS) + " |",
-                  "|---" * (len(TARGETS) + 1) + "|"]  # fmt: skip
+        head = (
+            f"**{setting}** (PSNR in dB at equal work ratio, mean ± std over 12 runs; below: the paired "
+            "difference against the best baseline at that ratio / the authors' rule, and the runs it wins)"
+        )
+        cols = "| series | " + " | ".join(f"{x:g}×" for x in TARGETS) + " |"
+        lines += [head, "", cols, "|---" * (len(TARGETS) + 1) + "|"]
         for name in names:
             cells = []
             for x in TARGETS:
@@ -220,8 +234,11 @@ def plot(out: str, path: str) -> None:
                 continue
             with open(file) as f:
                 means = json.load(f)["comparison"]["means"]
-            pts = sorted((m["work_ratio"], m["psnr_global"], m.get("psnr_global_std") or 0) for m in means.values()
-                         if math.isfinite(m.get("psnr_global", math.inf)))  # fmt: skip
+            pts = sorted(
+                (m["work_ratio"], m["psnr_global"], m.get("psnr_global_std") or 0)
+                for m in means.values()
+                if math.isfinite(m.get("psnr_global", math.inf))
+            )
             if pts:
                 xs, ys, es = zip(*pts)
                 style = "--" if name in BASELINES else "-"
