@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .forecast import DeltaForecast
+
 Branches = Tensor | dict[str, Tensor]
 
 _SINGLE = "v"  # internal branch name when the caller passes a plain tensor
@@ -32,7 +34,7 @@ class StepCache:
         num_steps: int,
         *,
         reuse_output: bool = False,
-        forecast: bool = False,
+        forecast: str = "none",
         branch: str | None = None,
         group: dist.ProcessGroup | None = None,
         decision_group: dist.ProcessGroup | None = None,
@@ -44,7 +46,8 @@ class StepCache:
             raise ValueError(f"first_step must be an int in [0, {num_steps}), got {first_step!r}")
         self.num_steps = num_steps
         self.reuse_output = reuse_output
-        self.forecast = forecast  # extrapolate Δ from the last two computed steps on skipped steps
+        # Δ on skipped steps: reused as it is ("none", the paper) or forecast (easycache.forecast, issue 25)
+        self._forecast = DeltaForecast(forecast) if forecast != "none" else None
         self.branch = branch  # the branch whose output the statistics read (None: the first one)
         # With a process group, every norm is reduced over all ranks, so ranks that hold different samples
         # of one batch still take the same decision (as if the whole batch were on one device).
@@ -63,8 +66,6 @@ class StepCache:
         self._prev_x: Tensor | None = None  # input of the previous step, computed or not
         self._last_x: Tensor | None = None  # input of the last computed step
         self._delta: dict[str, Tensor] | None = None  # Δ_i = v_i − x_i per branch
-        self._prev_delta: dict[str, Tensor] | None = None  # Δ_j of the computed step before i (forecast)
-        self._delta_steps: tuple[int | None, int | None] = (None, None)  # (j, i)
         self._names: tuple[str, ...] | None = None
         self._is_dict: bool | None = None
         self._records: list[dict] = []
@@ -134,9 +135,11 @@ class StepCache:
         if self.branch is not None and self.branch not in branches:
             raise ValueError(f"the statistics read branch {self.branch!r}, but update() got {list(branches)}")
         self._observe(x, branches[self.branch if self.branch is not None else self._names[0]])
-        if self.forecast:
-            self._prev_delta, self._delta_steps = self._delta, (self._delta_steps[1], self._step)
         self._delta = {name: b - x for name, b in branches.items()}  # Δ_t = v_t − x_t
+        if self._forecast is not None:
+            self._forecast.push(
+                self._step, self._delta, self.branch if self.branch is not None else self._names[0]
+            )
         self._last_x = x.detach().clone()
         self._records[-1]["dit_seconds"] = dit_seconds
         self._pending = None
@@ -152,12 +155,7 @@ class StepCache:
             raise RuntimeError("reuse() before any update(): no transformation vector is cached yet")
         # `reuse_output` is the naive cache the paper improves on: hand back v_i itself (x_i + Δ_i).
         base = self._last_x if self.reuse_output else x
-        delta = self._delta
-        if self.forecast and self._prev_delta is not None:
-            # first order from the last two computed steps j < i: Δ̂_t = Δ_i + (t − i)/(i − j)·(Δ_i − Δ_j)
-            j, i = self._delta_steps
-            w = (self._step - i) / (i - j)
-            delta = {name: d + w * (d - self._prev_delta[name]) for name, d in delta.items()}
+        delta = self._delta if self._forecast is None else self._forecast.at(self._step)
         out = {name: base + d for name, d in delta.items()}
         self._pending = None
         return out if self._is_dict else out[_SINGLE]

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .base import StepCache
+from .forecast import FORECASTS
 
 
 @dataclass(frozen=True)
@@ -23,17 +24,18 @@ class StaticCacheConfig:
     compute_last: bool = True
     """Always compute the last step."""
 
-    forecast: bool = False
-    """Extrapolate Δ to first order on skipped steps, as EasyCacheConfig.forecast (issue 25's ablation)."""
+    forecast: str = "none"
+    """What a skipped step adds to x_t, as EasyCacheConfig.forecast (issue 25's ablation)."""
 
     def __post_init__(self):
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"StaticCacheConfig.interval must be an int >= 1, got {self.interval!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"StaticCacheConfig.warmup (R) must be an int >= 0, got {self.warmup!r}")
-        for name in ("compute_last", "forecast"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"StaticCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.compute_last, bool):
+            raise ValueError(f"StaticCacheConfig.compute_last must be a bool, got {self.compute_last!r}")
+        if self.forecast not in FORECASTS:
+            raise ValueError(f"StaticCacheConfig.forecast must be one of {FORECASTS}, got {self.forecast!r}")
 
 
 class StaticCache(StepCache):

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .base import StepCache
+from .forecast import FORECASTS
 
 K_UPDATES = ("local", "mean", "ema")
 ACCUMULATE = ("change", "integral")
@@ -59,10 +60,11 @@ class EasyCacheConfig:
     """Ablation: on a skipped step return the last computed output v_i itself instead of x_t + Δ_i (the
     naive output cache that the transformation vector improves on; commented out in the authors' code)."""
 
-    forecast: bool = False
-    """Variant (issue 25, not in the paper): on a skipped step t extrapolate the transformation vector to
-    first order from the last two computed steps j < i, Δ̂_t = Δ_i + (t − i)/(i − j)·(Δ_i − Δ_j), instead of
-    reusing Δ_i as it is (TaylorSeer's forecast, applied to the whole-model Δ rather than to features)."""
+    forecast: str = "none"
+    """Variant (issue 25, not in the paper): what a skipped step adds to x_t. "none": Δ_i as it is (the
+    paper); "linear": Δ extrapolated to first order from the last two computed steps (TaylorSeer's forecast
+    on the whole-model Δ); "fitted": the same with a gain in [0, 1] measured at run time (easycache.forecast).
+    """
 
     accumulate: str = "change"
     """What is held against τ: "change" (the paper) E_t = Σ ε_n, the predicted change of the output since
@@ -97,11 +99,13 @@ class EasyCacheConfig:
             )
         if isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 0:
             raise ValueError(f"EasyCacheConfig.max_skips must be an int >= 0, got {self.max_skips!r}")
-        if self.forecast and self.reuse_output:
+        if self.forecast not in FORECASTS:
+            raise ValueError(f"EasyCacheConfig.forecast must be one of {FORECASTS}, got {self.forecast!r}")
+        if self.forecast != "none" and self.reuse_output:
             raise ValueError(
                 "EasyCacheConfig: forecast extrapolates Δ; it cannot be combined with reuse_output"
             )
-        for name in ("compute_last", "reuse_output", "forecast"):
+        for name in ("compute_last", "reuse_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EasyCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

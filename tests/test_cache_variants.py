@@ -14,7 +14,7 @@ def test_forecast_extrapolates_delta_from_the_last_two_computed_steps():
     # (τ huge) but the last: Δ̂_t = Δ_2 + (t − 2)/(2 − 1)·(Δ_2 − Δ_1), exactly (same float ops)
     xs = linear_trajectory(8)
     model = lambda x: x * x + 1  # noqa: E731
-    cache = EasyCache(EasyCacheConfig(thresh=1e9, warmup=3, forecast=True), num_steps=8)
+    cache = EasyCache(EasyCacheConfig(thresh=1e9, warmup=3, forecast="linear"), num_steps=8)
     pattern, outs = run(cache, xs, model)
     assert pattern == "CCCSSSSC"
     d1, d2 = model(xs[1]) - xs[1], model(xs[2]) - xs[2]
@@ -26,7 +26,7 @@ def test_forecast_uses_the_gap_between_computed_steps():
     # static every 3rd step after R = 1: computed 0, 1, 4, 7; at step 5, j = 1, i = 4: w = (5 − 4)/(4 − 1)
     xs = linear_trajectory(9)
     model = lambda x: x * x + 1  # noqa: E731
-    cache = StaticCache(StaticCacheConfig(interval=3, warmup=1, forecast=True), num_steps=9)
+    cache = StaticCache(StaticCacheConfig(interval=3, warmup=1, forecast="linear"), num_steps=9)
     pattern, outs = run(cache, xs, model)
     assert pattern == "CCSSCSSCC"
     d1, d4 = model(xs[1]) - xs[1], model(xs[4]) - xs[4]
@@ -38,7 +38,7 @@ def test_forecast_uses_the_gap_between_computed_steps():
 
 def test_forecast_with_one_computed_step_reuses_delta_as_it_is():
     xs = linear_trajectory(4)
-    cache = StaticCache(StaticCacheConfig(interval=3, warmup=0, forecast=True), num_steps=4)
+    cache = StaticCache(StaticCacheConfig(interval=3, warmup=0, forecast="linear"), num_steps=4)
     pattern, outs = run(cache, xs, lambda x: 2 * x)
     assert pattern == "CSSC"
     assert torch.equal(outs[1], xs[1] + (2 * xs[0] - xs[0]))
@@ -65,7 +65,7 @@ def test_max_skips_caps_a_run_of_skips():
 
 
 @pytest.mark.parametrize(
-    "variant", [dict(forecast=True), dict(accumulate="integral"), dict(max_skips=1), dict(k_update="ema")]
+    "variant", [dict(forecast="linear"), dict(accumulate="integral"), dict(max_skips=1), dict(k_update="ema")]
 )
 def test_thresh_zero_computes_every_step_and_equals_no_cache(variant):
     torch.manual_seed(0)
@@ -83,10 +83,38 @@ def test_thresh_zero_computes_every_step_and_equals_no_cache(variant):
         (dict(accumulate="sum"), "accumulate"),
         (dict(max_skips=-1), "max_skips"),
         (dict(max_skips=True), "max_skips"),
-        (dict(forecast="yes"), "forecast"),
-        (dict(forecast=True, reuse_output=True), "reuse_output"),
+        (dict(forecast=True), "forecast"),
+        (dict(forecast="quadratic"), "forecast"),
+        (dict(forecast="linear", reuse_output=True), "reuse_output"),
     ],
 )
 def test_bad_variant_settings_are_refused(kwargs, field):
     with pytest.raises(ValueError, match=field):
         EasyCacheConfig(**kwargs)
+
+
+def test_fitted_forecast_measures_its_gain_at_run_time():
+    # Δ_t exactly linear in t (v_t = x_t + a + b·t): the fitted gain is 1 and every forecast is exact
+    xs = linear_trajectory(9)
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    cache = StaticCache(StaticCacheConfig(interval=2, warmup=3, forecast="fitted"), num_steps=9)
+    for t, x in enumerate(xs):
+        if cache.should_compute(t, x):
+            cache.update(x, x + a + b * t)
+        else:
+            torch.testing.assert_close(cache.reuse(x), x + a + b * t, rtol=0, atol=1e-5)
+    assert cache.stats["skipped_steps"] == [4, 6]
+    assert float(cache._forecast.gain) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_fitted_forecast_falls_back_to_the_hold_where_delta_zigzags():
+    # Δ alternates +a, −a at computed steps 0..3: the linear forecast from (h, j) = (1, 2) would have moved
+    # the wrong way at i = 3, so the least-squares gain clamps to 0 and skipped steps reuse Δ_3 as it is
+    xs = linear_trajectory(8)
+    a = torch.randn(2, 3, 4)
+    signs = iter([1.0, -1.0, 1.0, -1.0, 1.0])
+    cache = StaticCache(StaticCacheConfig(interval=9, warmup=3, forecast="fitted"), num_steps=8)
+    pattern, outs = run(cache, xs, lambda x: x + next(signs) * a)
+    assert pattern == "CCCCSSSC"
+    assert float(cache._forecast.gain) == 0.0
+    torch.testing.assert_close(outs[4], xs[4] - a, rtol=0, atol=1e-6)  # Δ_3 = (x_3 − a) − x_3, rounded
