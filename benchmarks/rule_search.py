@@ -50,18 +50,15 @@ PAB = [
 SERIES = {
     "authors": ([], f"easycache.thresh={TAU}"),
     "k_ema": (["--easycache.k_update", "ema"], f"easycache.thresh={TAU}"),
-    "k_mean": (["--easycache.k_update", "mean"], f"easycache.thresh={TAU}"),
-    "reuse_v": (["--easycache.reuse_output", "true"], f"easycache.thresh={TAU}"),
-    "forecast": (["--easycache.forecast", "linear"], f"easycache.thresh={TAU}"),
-    "max_skips3": (["--easycache.max_skips", "3"], f"easycache.thresh={TAU}"),
     "integral": (["--easycache.accumulate", "integral"], f"easycache.thresh={TAU_INTEGRAL}"),
-    "integral_forecast": (
-        ["--easycache.accumulate", "integral", "--easycache.forecast", "linear"],
+    "fitted": (["--easycache.forecast", "fitted"], f"easycache.thresh={TAU}"),
+    "integral_fitted": (
+        ["--easycache.accumulate", "integral", "--easycache.forecast", "fitted"],
         f"easycache.thresh={TAU_INTEGRAL}",
     ),
-    "static": ([], "static.interval=2,3,4,6,8,12"),
-    "static_forecast": (["--static.forecast", "linear"], "static.interval=2,3,4,6,8,12"),
-    "teacache": ([], "teacache.rel_l1_thresh=0.02,0.035,0.05,0.08,0.12"),
+    "static_fitted": (["--static.forecast", "fitted"], "static.interval=2,3,4,6,8"),
+    "static": ([], "static.interval=2,3,4,6,8"),
+    "teacache": ([], "teacache.rel_l1_thresh=0.025,0.035,0.05,0.08,0.12"),
     "magcache": (["--magcache_K", "6"], "magcache.magcache_thresh=0.05,0.1,0.2,0.5,1.0"),
     "pab": (PAB, "pab.spatial_range=2,4,8"),
 }
@@ -126,12 +123,15 @@ def _run(cmd: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # Analysis
 # ------------------------------------------------------------------------------------------------------------
-def load_runs(path: str) -> dict[tuple[str, int], list[tuple[float, float]]]:
-    """{(prompt, seed): [(work ratio, PSNR), ...]} of one series' report, sorted by work ratio."""
+def load_runs(path: str, method: str) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """{(prompt, seed): [(work ratio, PSNR), ...]} of one series' report (its rows of `method`: a report
+    of a wider --compare may stand in for several series), sorted by work ratio."""
     with open(path) as f:
         rows = json.load(f)["comparison"]["rows"]
     runs: dict[tuple[str, int], list] = {}
     for r in rows:
+        if r["label"].split()[0] != method:
+            continue
         x, y = r.get("work_ratio"), r.get("psnr_global")
         if isinstance(x, (int, float)) and isinstance(y, (int, float)) and math.isfinite(y):
             runs.setdefault((r["prompt"], r["seed"]), []).append((float(x), float(y)))
@@ -153,7 +153,7 @@ def curves(out: str, setting: str) -> dict[str, dict[float, dict[tuple[str, int]
         path = os.path.join(out, setting, f"{name}.json")
         if not os.path.exists(path):
             continue
-        runs = load_runs(path)
+        runs = load_runs(path, SERIES[name][1].split(".")[0])
         result[name] = {
             x: {run: v for run, pts in runs.items() if (v := at(pts, x)) is not None} for x in TARGETS
         }
@@ -234,6 +234,8 @@ def plot(out: str, path: str) -> None:
                 continue
             with open(file) as f:
                 means = json.load(f)["comparison"]["means"]
+            method = SERIES[name][1].split(".")[0]
+            means = {label: m for label, m in means.items() if label.split()[0] == method}
             pts = sorted(
                 (m["work_ratio"], m["psnr_global"], m.get("psnr_global_std") or 0)
                 for m in means.values()

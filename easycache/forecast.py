@@ -4,10 +4,12 @@ EasyCache reuses Δ_i = v_i − x_i of the last computed step i as it is (a zero
 extrapolates it instead, to first order in the step index, as TaylorSeer does for features but on the whole
 model's Δ:
     "linear"  Δ̂_t = Δ_i + w (Δ_i − Δ_j),    w = (t − i) / (i − j)      (j: the computed step before i)
-    "fitted"  Δ̂_t = Δ_i + c w (Δ_i − Δ_j),  c ∈ [0, 1] measured at run time: the least-squares gain of the
-              linear forecast that step i could have been given from h < j < i, c = ⟨a, b⟩ / ⟨b, b⟩ with
-              a = Δ_i − Δ_j (what happened) and b = (i − j)/(j − h) (Δ_j − Δ_h) (what "linear" predicted);
-              c = 0 falls back to the zero-order hold where the trajectory bends, c = 1 is "linear".
+    "fitted"  Δ̂_t = Δ_i + c min(w, 1) (Δ_i − Δ_j), with two guards measured or known at run time:
+              - never more than one gap i − j ahead (the secant is the slope over [j, i]; right after the
+                warm-up i − j = 1 while the first run of skips can be long);
+              - a gain c ∈ [0, 1], the least-squares fit of how well the linear forecast would have done at
+                step i from h < j < i: c = ⟨a, b⟩ / ⟨b, b⟩, a = Δ_i − Δ_j (what happened), b = (i − j)/(j − h)
+                (Δ_j − Δ_h) (what "linear" predicted); c = 0 holds Δ_i where the trajectory bends.
 """
 
 from __future__ import annotations
@@ -44,5 +46,6 @@ class DeltaForecast:
         j, dj = self.history[-2]
         w = (step - i) / (i - j)
         if self.mode == "fitted":
-            w = self.gain * w
+            # the secant Δ_i − Δ_j is the slope over [j, i]: trust it at most one such gap ahead
+            w = self.gain * min(w, 1.0)
         return {name: d + w * (d - dj[name]) for name, d in di.items()}

@@ -118,3 +118,18 @@ def test_fitted_forecast_falls_back_to_the_hold_where_delta_zigzags():
     assert pattern == "CCCCSSSC"
     assert float(cache._forecast.gain) == 0.0
     torch.testing.assert_close(outs[4], xs[4] - a, rtol=0, atol=1e-6)  # Δ_3 = (x_3 − a) − x_3, rounded
+
+
+def test_fitted_forecast_looks_at_most_one_gap_ahead():
+    # static, interval 9, R = 3: computed 0, 1, 2, 3, then skips; the secant of the last
+    # gap (1 step) is trusted one step ahead only; with Δ exactly linear (gain 1) every skipped step gets
+    # Δ_3 + (Δ_3 − Δ_2) = Δ_4, not Δ_t
+    xs = linear_trajectory(9)
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    cache = StaticCache(StaticCacheConfig(interval=9, warmup=3, forecast="fitted"), num_steps=9)
+    for t, x in enumerate(xs):
+        if cache.should_compute(t, x):
+            cache.update(x, x + a + b * t)
+        else:
+            torch.testing.assert_close(cache.reuse(x), x + a + b * 4, rtol=0, atol=1e-5)
+    assert cache.stats["skipped_steps"] == [4, 5, 6, 7]
