@@ -37,7 +37,7 @@ SETTINGS = {  # name -> sample_wan.py flags
     "euler40": ["--sample_solver", "euler", "--sample_steps", "40", "--sample_shift", "5"],
 }
 TAU = "0.025,0.05,0.1,0.2,0.3"
-TAU_INTEGRAL = "0.05,0.1,0.2,0.4,0.8,1.6"
+TAU_INTEGRAL = "0.03,0.1,0.2,0.4,0.8,1.6"
 PAB = [
     "--pab.cross_broadcast",
     "true",
