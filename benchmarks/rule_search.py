@@ -93,7 +93,7 @@ def calibrate(out: str, setting: str) -> str:
     return path
 
 
-def run(out: str, only: list[str] | None) -> None:
+def run(out: str, only: list[str] | None, seeds: int = SEEDS) -> None:
     for setting in SETTINGS:
         calib = calibrate(out, setting)
         for name, (flags, sweep) in SERIES.items():
@@ -103,7 +103,7 @@ def run(out: str, only: list[str] | None) -> None:
             if os.path.exists(report):
                 continue
             calib_flags = ["--teacache.coefficients", calib, "--magcache.mag_ratios", calib]
-            runs = ["--prompts", PROMPTS, "--num-seeds", str(SEEDS), "--base_seed", str(BASE_SEED)]
+            runs = ["--prompts", PROMPTS, "--num-seeds", str(seeds), "--base_seed", str(BASE_SEED)]
             files = ["--save_file", os.path.join(out, setting, name, "x.mp4"), "--report", report]
             sweep_flags = [*calib_flags, *flags, "--sweep", sweep, "--no-lpips", "--quiet"]
             _run([*_sample(setting), "--compare", *runs, *sweep_flags, *files])
@@ -146,48 +146,43 @@ def at(points: list[tuple[float, float]], x: float) -> float | None:
     return float(np.interp(x, xs, ys))
 
 
-def curves(out: str, setting: str) -> dict[str, dict[float, dict[tuple[str, int], float]]]:
-    """{series: {target: {run: PSNR}}}, only runs whose points cover the target."""
-    result = {}
+def curves(out: str, setting: str) -> tuple[dict, dict]:
+    """{series: {target: {run: PSNR}}} (only runs whose points cover the target), {series: its runs}."""
+    result, runs_of = {}, {}
     for name in SERIES:
         path = os.path.join(out, setting, f"{name}.json")
         if not os.path.exists(path):
             continue
         runs = load_runs(path, SERIES[name][1].split(".")[0])
+        runs_of[name] = list(runs)
         result[name] = {
             x: {run: v for run, pts in runs.items() if (v := at(pts, x)) is not None} for x in TARGETS
         }
-    return result
+    return result, runs_of
 
 
 def summarise(out: str, setting: str) -> dict:
-    """Per target: every series' mean ± std (over runs that reach it), and the paired differences."""
-    c = curves(out, setting)
+    """Per target: every series' mean ± std (where all its runs reach it), and the paired differences
+    (same prompt and seed) against the authors' rule and the best baseline at that ratio."""
+    c, runs_of = curves(out, setting)
     table = {}
     for x in TARGETS:
         row = {}
         for name, per_target in c.items():
-            vals = per_target[x]
-            if len(vals) == SEEDS * _num_prompts():  # only where every run reaches this ratio
-                row[name] = {
-                    "mean": float(np.mean(list(vals.values()))),
-                    "std": float(np.std(list(vals.values()))),
-                }
+            vals = list(per_target[x].values())
+            if vals and len(vals) == len(runs_of[name]):
+                row[name] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "runs": len(vals)}
         best = max((b for b in BASELINES if b in row), key=lambda b: row[b]["mean"], default=None)
         for name in row:
             for ref, key in (("authors", "vs_authors"), (best, "vs_best_baseline")):
                 if ref is None or ref not in row or ref == name:
                     continue
-                diff = [c[name][x][run] - c[ref][x][run] for run in c[name][x]]
-                row[name][key] = {"mean": float(np.mean(diff)), "std": float(np.std(diff)),
-                                  "wins": int(sum(d > 0 for d in diff)), "ref": ref}  # fmt: skip
+                diff = [c[name][x][run] - c[ref][x][run] for run in c[name][x] if run in c[ref][x]]
+                wins = int(sum(d > 0 for d in diff))
+                row[name][key] = {"mean": float(np.mean(diff)), "std": float(np.std(diff)), "wins": wins,
+                                  "n": len(diff), "ref": ref}  # fmt: skip
         table[x] = {"best_baseline": best, "series": row}
     return table
-
-
-def _num_prompts() -> int:
-    with open(PROMPTS) as f:
-        return sum(1 for line in f if line.strip() and not line.startswith("#"))
 
 
 def markdown(summaries: dict[str, dict]) -> str:
@@ -195,7 +190,7 @@ def markdown(summaries: dict[str, dict]) -> str:
     for setting, table in summaries.items():
         names = [n for n in SERIES if any(n in table[x]["series"] for x in TARGETS)]
         head = (
-            f"**{setting}** (PSNR in dB at equal work ratio, mean ± std over 12 runs; below: the paired "
+            f"**{setting}** (PSNR in dB at equal work ratio, mean ± std over the runs; below: the paired "
             "difference against the best baseline at that ratio / the authors' rule, and the runs it wins)"
         )
         cols = "| series | " + " | ".join(f"{x:g}×" for x in TARGETS) + " |"
@@ -210,10 +205,10 @@ def markdown(summaries: dict[str, dict]) -> str:
                 cell = f"{s['mean']:.1f} ± {s['std']:.1f}"
                 if name not in BASELINES and "vs_best_baseline" in s:
                     d = s["vs_best_baseline"]
-                    cell += f"<br>{d['mean']:+.1f} vs {d['ref']} ({d['wins']}/12)"
+                    cell += f"<br>{d['mean']:+.1f} vs {d['ref']} ({d['wins']}/{d['n']})"
                 if name not in BASELINES and name != "authors" and "vs_authors" in s:
                     d = s["vs_authors"]
-                    cell += f"<br>{d['mean']:+.1f} vs authors ({d['wins']}/12)"
+                    cell += f"<br>{d['mean']:+.1f} vs authors ({d['wins']}/{d['n']})"
                 cells.append(cell)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -260,12 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("command", choices=["run", "analyze"])
     p.add_argument("--out", default="outputs/rule_search")
     p.add_argument("--only", help="run: comma list of SETTING:SERIES (default: all that are missing)")
+    p.add_argument("--seeds", type=int, default=SEEDS, help="run: sampling seeds per caption (default 2)")
     p.add_argument("--md", help="analyze: write the markdown tables here")
     p.add_argument("--json", help="analyze: write the summaries here")
     p.add_argument("--plot", help="analyze: write the Pareto curves here")
     args = p.parse_args(argv)
     if args.command == "run":
-        run(args.out, args.only.split(",") if args.only else None)
+        run(args.out, args.only.split(",") if args.only else None, args.seeds)
         return
     summaries = {s: summarise(args.out, s) for s in SETTINGS if os.path.isdir(os.path.join(args.out, s))}
     text = markdown(summaries)
