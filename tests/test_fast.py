@@ -229,3 +229,38 @@ def test_placement_records_the_device_read_back():
     split = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
     with pytest.raises(ValueError, match="spread over"):
         module_device(split)
+
+
+def test_pab_under_compile_decides_outside_the_graph():
+    """PAB decides per attention inside each block: its decision runs eagerly (torch.compiler.disable), the
+    block graph breaks around the attention, and nothing recompiles across steps (traced, the step-dependent
+    branch would recompile every block at every step until dynamo gives up)."""
+    from easycache.pab import PAB, PABConfig
+
+    torch.manual_seed(0)
+    model = WanModel(WAN).eval()
+    x, ctx = wan_inputs()
+    steps, ts = 6, torch.linspace(999, 1, 6)
+
+    def run():
+        cache = PAB(PABConfig(), steps, timesteps=ts.tolist())
+        outs = []
+        for i in range(steps):
+            assert cache.should_compute(i, x)
+            v = model(x, ts[i : i + 1], ctx, cache=cache.hook("cond"))
+            cache.update(x, {"cond": v})
+            outs.append(v)
+        return torch.stack(outs), cache.stats["attention"]
+
+    with torch.no_grad():
+        eager, eager_counts = run()
+        torch._dynamo.reset()
+        counters.clear()
+        compile_blocks(model, backend="aot_eager")
+        run()
+        first = dict(counters["stats"])
+        out, counts = run()
+    assert counts == eager_counts and counts["spatial"]["broadcast"] > 0  # the same broadcasts
+    assert dict(counters["stats"]) == first and not counters["recompiles"]
+    assert first["unique_graphs"] <= 4  # the block's pieces around its PAB calls, once
+    assert ((out - eager).norm() / eager.norm()).item() < 1e-5  # aot_eager: fp32 rounding at most
