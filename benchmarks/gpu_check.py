@@ -309,6 +309,7 @@ def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | No
               f"{tflops:8.4g} TFLOP/s{mfu}{mem}", flush=True)  # fmt: skip
         return m
 
+    start = time.perf_counter()
     ours, ref = build(case, args.device, dtype, "sdpa")
     weights_gib = dev.allocated() / 2**30 if dev.cuda else None
     rel = ours_m = ref_m = None
@@ -346,6 +347,10 @@ def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | No
         costs = cache_costs(x, dev, max(r, 10))
         compiled = {}
         if not args.no_compile:
+            # Dynamo keeps its compiled entries per code object (the blocks' shared Module._call_impl among
+            # them) with a limit of 8: start each model afresh, so that the earlier models' entries neither
+            # count against it nor get checked at every call.
+            torch._dynamo.reset()
             # one static graph per block kind and batch size
             compile_blocks(ours, dynamic=False, backend=args.compile_backend)
             if case.has_diffusers:
@@ -374,10 +379,13 @@ def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | No
         "skipped_over_computed_step": costs["skipped_step_s"] / computed_step,
     }
     print("  " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if v is not None), flush=True)
+    seconds_spent = time.perf_counter() - start
+    print(f"  {case.name}: {seconds_spent:.0f} s (building, timing and compiling)", flush=True)
     return dict(
         name=case.name, family=case.family, latent=list(case.latent), text_len=case.text_len,
         tokens=math.prod(-(-s // p) for s, p in zip(case.latent, case.config.patch_size)),
         rel_diff_vs_diffusers=rel, weights_gib=weights_gib, rows=rows, cache=costs, summary=summary,
+        seconds=seconds_spent,
     )  # fmt: skip
 
 
@@ -399,7 +407,10 @@ def markdown(result: dict) -> str:
     lines = [
         f"Device: {env['device']}; torch {env['torch']}; {env['dtype']}; "
         f"peak {env['peak_tflops'] or 'n/a'} TFLOP/s; {env['warmup']} warm-up + {env['reps']} timed calls; "
-        f"torch.compile backend {env['compile_backend']}; ratios and TFLOP/s from {env['timing']} seconds.",
+        f"torch.compile backend {env['compile_backend']}; ratios and TFLOP/s from {env['timing']} seconds; "
+        f"{env['total_seconds']:.0f} s in all ("
+        + ", ".join(f"{c['name']} {c['seconds']:.0f} s" for c in result["cases"])
+        + ").",
         "",
         "| model | run | B | s / forward (median) | min | CPU s | first call | TFLOP/s | MFU | peak GiB "
         "| +GiB |",

@@ -91,6 +91,7 @@ def test_small_run_writes_json_and_markdown(tmp_path):
     assert case["cache"]["skipped_step_s"] >= case["cache"]["decision_s"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| Wan tiny (demo) 64x64x17 | ours (sdpa) --cfg_batch | 2 |" in table and result == saved
+    assert 0 < case["seconds"] <= saved["environment"]["total_seconds"]  # the duration is reported
 
 
 def test_small_opensora_run_has_ours_only(tmp_path):
