@@ -347,10 +347,6 @@ def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | No
         costs = cache_costs(x, dev, max(r, 10))
         compiled = {}
         if not args.no_compile:
-            # Dynamo keeps its compiled entries per code object (the blocks' shared Module._call_impl among
-            # them) with a limit of 8: start each model afresh, so that the earlier models' entries neither
-            # count against it nor get checked at every call.
-            torch._dynamo.reset()
             # one static graph per block kind and batch size
             compile_blocks(ours, dynamic=False, backend=args.compile_backend)
             if case.has_diffusers:
