@@ -123,10 +123,32 @@ def test_small_opensora_run_has_ours_only(tmp_path):
     assert "| OpenSora small 128x128x17 | n/a | n/a | n/a | n/a |" in (out / "gpu_check.md").read_text()
 
 
+def test_a_spent_budget_leaves_compiled_rows_and_models_out_with_a_note(tmp_path):
+    """--budget-min: a compiled row whose estimated time (60 s per block kind before any was measured) would
+    overrun the budget is left out, and so is a model once the budget is spent; both are named."""
+    out = tmp_path / "gc"
+    argv = ["--small", "--models", "wan,opensora", "--budget-min", "0.01", "--warmup", "1", "--reps", "1",
+            "--out", str(out)]  # fmt: skip
+    result = gpu_check.main(argv)
+    (case,) = result["cases"]  # Wan ran (models run in a fixed order); the budget (0.6 s) was spent after it
+    assert case["family"] == "wan" and not any(r["compiled"] for r in case["rows"]) and len(case["rows"]) == 3
+    assert case["summary"]["compile_speedup"] is None and case["summary"]["compile_cfg_batch_speedup"] is None
+    assert [n.split(":")[0] for n in case["skipped"]] == [
+        "ours --compile (B=1)",
+        "ours --compile --cfg_batch (B=2)",
+    ]
+    assert result["environment"]["skipped"] == [
+        "OpenSora small 128x128x17: the 0.01-minute budget (--budget-min) was spent"
+    ]
+    assert "Left out to stay within the time budget: OpenSora small" in (out / "gpu_check.md").read_text()
+
+
 def test_bad_flags_and_a_missing_gpu_fail_early(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="error: no CUDA device"):
             gpu_check.main(["--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="error: --models"):
         gpu_check.main(["--small", "--models", "ltx", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="error: --budget-min"):
+        gpu_check.main(["--small", "--budget-min", "-1", "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
