@@ -172,6 +172,19 @@ class StepCache:
     # ----------------------------------------------------------------------------------------------
     # Trace and statistics
     # ----------------------------------------------------------------------------------------------
+    def split_group(self, split: bool) -> dist.ProcessGroup | None:
+        """The group to reduce a statistic over when its tensor holds only this rank's part of the tokens
+        (`split`, sequence parallelism): the decision group, the ranks that share every DiT call. None when
+        the tensor is whole on every rank."""
+        if not split:
+            return None
+        if self.decision_group is None:
+            raise RuntimeError(
+                f"{type(self).__name__} got tensors split over ranks (sequence parallelism) without a "
+                "decision_group to reduce their statistics over"
+            )
+        return self.decision_group
+
     def mean_abs(self, t: Tensor) -> Tensor:
         """‖t‖ as the authors define it: mean |t| over every element of the whole batch (0-dim fp32)."""
         if self.group is None:

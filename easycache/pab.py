@@ -111,7 +111,7 @@ class PAB(HookCache):
         self.counts = {k: {"computed": 0, "broadcast": 0} for k in KINDS}
         self._broadcast_calls: dict[int, list[str]] = {}  # id(hook) -> kinds broadcast in that call
 
-    def _decide_blocks(self, step, branch, x, probes) -> tuple[bool, str]:
+    def _decide_blocks(self, step, branch, x, probes, split=frozenset()) -> tuple[bool, str]:
         if self.timesteps is None:
             raise RuntimeError("PAB needs the schedule's timesteps: make_cache(config, steps, timesteps=...)")
         return True, "dit"  # the block stack always runs; single attentions are broadcast inside it

@@ -489,7 +489,8 @@ class WanModel(nn.Module):
 
         # Cache seam: TeaCache/MagCache may skip the whole block stack (x + its cached residual); PAB gets a
         # broadcaster per block. Probes are what a decision may measure (official TeaCache: e, or e0).
-        if cache is not None and not cache.compute_blocks(x, {"e": e, "e0": e0}):
+        # Under sp the tokens x are this rank's part; the time embeddings are whole on every rank.
+        if cache is not None and not cache.compute_blocks(x, {"e": e, "e0": e0}, split=("x",) if sp else ()):
             x = cache.reuse_blocks(x)  # [B, L, D]
         else:
             x_in = x
