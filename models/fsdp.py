@@ -51,8 +51,11 @@ def _shard_by_dtype(unit: nn.Module) -> None:
             mixed = [m for m in modules if any(p.dtype != dtype for p in m.parameters(recurse=False))]
             if mixed:
                 raise ValueError(f"cannot shard {type(mixed[0]).__name__}: its parameters mix dtypes")
-            fully_shard(modules)
-    fully_shard(unit)
+            fully_shard(modules, reshard_after_forward=True)
+    # reshard_after_forward=True given explicitly: FSDP2 otherwise keeps the *root's* parameters gathered
+    # after a forward (a heuristic for training, whose backward needs them at once); for inference every rank
+    # then keeps holding the whole embeddings and head. Explicit, each rank holds 1/N between calls.
+    fully_shard(unit, reshard_after_forward=True)
 
 
 def sharded_fraction(model: nn.Module) -> float:

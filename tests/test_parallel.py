@@ -93,15 +93,14 @@ def _worker(rank, world, init_file, out_dir, layout, ckpt):
             whole = load_wan(ckpt, dtype=dtype)  # every rank the whole model: the reference
             sharded = load_wan(ckpt, dtype=dtype, fsdp=True)
             name = f"load_{str(dtype).split('.')[-1]}"
-            res[f"{name}_fraction"] = sharded_fraction(
-                sharded
-            )  # before a forward (the root then stays whole)
+            res[f"{name}_fraction"] = sharded_fraction(sharded)
             res[f"{name}_dtensors"] = all(isinstance(p, DTensor) for p in sharded.parameters())
             full = {k: v.full_tensor() for k, v in sharded.state_dict().items()}
             res[f"{name}_weights"] = full.keys() == whole.state_dict().keys() and all(
                 full[k].dtype == v.dtype and torch.equal(full[k], v) for k, v in whole.state_dict().items()
             )
             res[f"{name}_forward"] = torch.equal(sharded(x, t, ctx, sp=sp), whole(x, t, ctx, sp=sp))
+            res[f"{name}_fraction_after"] = sharded_fraction(sharded)  # the root resharded too
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -143,6 +142,7 @@ def test_fsdp_load_reads_each_ranks_half_and_equals_the_whole_load(results):
             # construction; the forward all-gathers exactly those weights, same kernels: bitwise too.
             assert r[f"{name}_weights"] and r[f"{name}_forward"] and r[f"{name}_dtensors"], name
             assert 0.45 < r[f"{name}_fraction"] <= 0.55  # 1/2, up to odd first dimensions
+            assert r[f"{name}_fraction_after"] == r[f"{name}_fraction"]  # still 1/2 after a forward
 
 
 def test_layouts_are_checked_with_the_valid_ones_named():
