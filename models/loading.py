@@ -152,9 +152,9 @@ def load_sharded_safetensors(
 ) -> dict[str, Tensor]:
     """`name`.safetensors, or the shards listed by `name`.safetensors.index.json (diffusers' layout).
 
-    Tensors are read one at a time and `cast(key, tensor)` (e.g. to bf16) is applied to each as it is read,
-    so host memory peaks at the cast state dict plus the pages of the one shard being read (its memory map
-    is closed before the next opens), never at the whole file-dtype state next to the cast one.
+    Tensors are read one at a time and `cast(key, tensor)` (e.g. to bf16, a copy) is applied to each as it
+    is read, each from a memory map of its own that is closed right after: host memory peaks at the cast
+    state dict plus the one tensor being read, never at the whole file-dtype state next to the cast one.
     """
     files, weight_map = safetensors_files(ckpt_dir, name)
     state_dict: dict[str, Tensor] = {}
@@ -183,10 +183,10 @@ def safetensors_files(ckpt_dir: str, name: str = "diffusion_pytorch_model") -> t
 def stream_safetensors_slices(
     ckpt_dir: str, name: str = "diffusion_pytorch_model"
 ) -> Iterator[tuple[str, object]]:
-    """(key, slice) for every tensor of `name`.safetensors or its shards, one shard open at a time: a
-    safetensors slice reads only the rows it is indexed with (`sl[a:b]`: rows a..b of dim 0, a tensor in the
-    file's dtype), so a caller that needs part of each tensor (FSDP: this rank's 1/N) touches only that part
-    of the file. Same checks as load_sharded_safetensors."""
+    """(key, slice) for every tensor of `name`.safetensors or its shards, one tensor's memory map open at a
+    time (use the slice before taking the next). A safetensors slice reads only the rows it is indexed with
+    (`sl[a:b]`: rows a..b of dim 0, a tensor in the file's dtype), so a caller that needs part of each tensor
+    (FSDP: this rank's 1/N) touches only that part of the file. Same checks as load_sharded_safetensors."""
     files, weight_map = safetensors_files(ckpt_dir, name)
     seen = set()
     for path, shard in files:
@@ -203,7 +203,8 @@ def stream_safetensors_slices(
                 raise ValueError(f"{shard} holds keys its index does not assign to it: {wrong[:5]}")
             for key in keys:
                 seen.add(key)
-                yield key, f.get_slice(key)
+                with safe_open(path, framework="pt") as one:  # one map per tensor (see _read_safetensors)
+                    yield key, one.get_slice(key)
     _check_index_complete(weight_map, seen)
 
 
@@ -228,8 +229,14 @@ def _read_safetensors(
                 raise LookupError(wrong[:5])
             out = {}
             for key in keys:
-                tensor = f.get_tensor(key)  # a view of the memory map (no copy until cast)
-                out[key] = cast(key, tensor) if cast is not None else tensor
+                if cast is None:
+                    out[key] = f.get_tensor(key)  # views of the file's one memory map
+                    continue
+                # With a cast, a memory map of its own per tensor, closed once the cast copy exists: the file
+                # pages just read leave this process's resident memory with it. (One map per file keeps every
+                # page read so far resident until the file is done: one whole shard on top of the model.)
+                with safe_open(path, framework="pt") as one:
+                    out[key] = cast(key, one.get_tensor(key))
             return out
     except LookupError as e:
         raise ValueError(f"{shard} holds keys its index does not assign to it: {e.args[0]}") from None
