@@ -291,11 +291,18 @@ def check_launch(args: argparse.Namespace, num_heads: int | None = None) -> None
             "--ulysses_size/--ring_size/--dit_fsdp/--t5_fsdp need several processes: launch with "
             "torchrun --nproc_per_node=N sample_wan.py ... (ulysses_size x ring_size = N)"
         )
-    if parallel or num_heads is not None:  # heads unknown yet: check the world size only
+    if num_heads is None:  # the DiT's heads are not known yet: the world size only
+        if parallel and args.ulysses_size * args.ring_size != world:
+            pairs = ", ".join(f"{u}x{world // u}" for u in range(1, world + 1) if world % u == 0)
+            raise ValueError(
+                f"--ulysses_size {args.ulysses_size} x --ring_size {args.ring_size} must equal the world "
+                f"size {world} (torchrun --nproc_per_node); ulysses x ring layouts for {world} ranks: "
+                f"{pairs} (ulysses must also divide the DiT's heads)"
+            )
+    else:
         from models.parallel import check_layout
 
-        heads = num_heads or max(args.ulysses_size, 1)
-        check_layout(args.ulysses_size, args.ring_size, world if parallel else 1, heads)
+        check_layout(args.ulysses_size, args.ring_size, world if parallel else 1, num_heads)
     if args.t5_fsdp and args.t5_cpu:
         raise ValueError("--t5_fsdp shards the umT5 encoder over the GPUs; drop --t5_cpu (or --t5_fsdp)")
     if args.dit_fsdp and args.offload_model:

@@ -293,9 +293,9 @@ def check_cache_args(args: argparse.Namespace, num_steps: int) -> None:
     )
     if getattr(args, "cfg_batch", None) and hooked:  # an explicit --cfg_batch (None: the default, auto)
         raise ValueError(
-            f"--cfg_batch runs cond and uncond as one DiT call, but {', '.join(hooked)} act inside the DiT "
-            "with one hook per CFG branch, so they need two calls: drop --cfg_batch (easycache, static and "
-            "none batch the branches)"
+            f"--cfg_batch runs cond and uncond as one DiT call, but {', '.join(hooked)} "
+            f"{'act' if len(hooked) > 1 else 'acts'} inside the DiT with one hook per CFG branch, so it "
+            "needs two calls: drop --cfg_batch (easycache, static and none batch the branches)"
         )
     for config in configs:
         make_cache(config, num_steps)  # PAB's timesteps come with the schedule, later
