@@ -18,7 +18,7 @@ main() runs: parse_args -> check_args (every check that needs no model; a refusa
 easycache.checks) -> the files (outputs writable, checkpoint headers) -> load -> run. Keep that order when
 adding a flag. Parse first, then import the heavy modules: the top of this file imports only configs and
 the standard library, so `--help` and a bad flag answer at once; torch and the models are imported where
-they are first needed (check_device_args, WanT2V, main's file checks), after the flags are parsed.
+they are first needed (check_model_args, WanT2V, main's file checks), after the flags are parsed.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Task:
     sample_guide_scale: float = 5.0
     fps: int = 16
     text_len: int = 512
-    negative_prompt: str | None = None  # None: the official one (models.wan_t5.WAN_NEGATIVE_PROMPT) ...
+    negative: str | None = None  # the negative prompt; None: the official one (see negative_prompt) ...
     negative_prefix: str = ""  # ... after this prefix (the official i2v config adds one)
     prompt: str = (  # the official example prompt of t2v tasks
         "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted "
@@ -109,7 +109,12 @@ class Task:
 
         return {"vit-h-14": CLIP_VIT_H_14, "tiny": CLIP_TINY, None: None}[self.clip_name]
 
-    def official_negative_prompt(self) -> str:
+    @property
+    def negative_prompt(self) -> str:
+        """The default negative prompt: the task's own, else the official sample_neg_prompt (models.wan_t5,
+        imported only when needed) after the prefix."""
+        if self.negative is not None:
+            return self.negative
         from models.wan_t5 import WAN_NEGATIVE_PROMPT
 
         return self.negative_prefix + WAN_NEGATIVE_PROMPT
@@ -139,7 +144,7 @@ TASKS = {
     # The embedded demo model (train_wan_tiny.py): same classes and file layout, toy sizes, runs on a CPU.
     "tiny": Task(
         None, "checkpoints/wan-tiny", None, "tiny", "tiny", sizes=("64*64",), frame_num=17,
-        sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
+        sample_shift=3.0, fps=8, text_len=16, negative="",
         prompt="a red circle moving right on a blue background",
         teacache=TeaCacheConfig(rel_l1_thresh=0.05), calibration="checkpoints/wan-tiny/calibration.json",
     ),
@@ -154,7 +159,7 @@ TASKS = {
     # The I2V demo model (train_wan_tiny_i2v.py): the tiny T2V model fine-tuned on first frames.
     "i2v-tiny": Task(
         None, "checkpoints/wan-i2v-tiny", None, "tiny", "tiny", sizes=("64*64",), frame_num=17,
-        sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
+        sample_shift=3.0, fps=8, text_len=16, negative="",
         prompt="a green square moving up on a black background", clip_name="tiny",
     ),
 }  # fmt: skip
@@ -316,8 +321,7 @@ def check_model_args(args: argparse.Namespace, task: Task) -> None:
 
     args.device = args.device or default_device()
     if args.negative_prompt is None:
-        official = task.negative_prompt is None
-        args.negative_prompt = task.official_negative_prompt() if official else task.negative_prompt
+        args.negative_prompt = task.negative_prompt
     if args.ulysses_size * args.ring_size > 1:  # the sequence-parallel kernel must exist for this dtype
         from models.parallel import check_parallel_attention
 
