@@ -29,9 +29,11 @@ from easycache.cli import add_cache_args, add_output_args, check_run_args, make_
 from easycache.configs import COEFFICIENTS, PAB_OPENSORA, MagCacheConfig, TeaCacheConfig
 from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
-from models.flags import add_device_arg
+from models.flags import add_device_arg, add_speed_args
 
 if TYPE_CHECKING:
+    import torch
+
     from easycache.compare import Generation
     from models.opensora_vae import OpenSoraVAEConfig
     from models.parallel import Launch
@@ -112,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # (README, "Defaults of τ and R"): the setting whose PSNR is closest to that of the Wan default (τ 0.05,
     # R 10 of 50 steps) on the same model; R 6 keeps the Wan warm-up share (10 of 50).
     add_cache_args(p, thresh=0.07, warmup=6, defaults=BASELINES)
+    add_speed_args(p, cfg_batch=False)  # CFG is one batched call already, as the official sampler
     add_output_args(p)
     return parse_flags(p, argv)  # parse_args, with unknown --METHOD.FIELD named
 
@@ -149,12 +152,21 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig | None = 
     if args.sample_name is not None:
         checks.check_file_name(args.sample_name, "--sample-name")  # stays inside --save-dir
     prompts = check_run_args(args, args.num_sampling_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
-    from models.fast import default_device  # imports torch: only now
+    from models.fast import check_speed_args, default_device  # import torch: only now
 
     args.device = args.device or default_device()
+    check_speed_args(args, args.device, dit_dtype(args))  # --attention installed and usable here
     if args.seed == -1:
         args.seed = random.randint(0, 2**31 - 1)
     return prompts
+
+
+def dit_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The DiT and VAE dtype: --dtype, else bf16 on CUDA (official) and fp32 elsewhere."""
+    import torch
+
+    name = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def check_dit_header(folder: str) -> None:
@@ -203,6 +215,7 @@ class OpenSoraT2V:
     ):
         import torch
 
+        from models.fast import compile_blocks
         from models.opensora import load_stdit3
         from models.opensora_text import OpenSoraTextEncoder
         from models.opensora_vae import OpenSoraVAE
@@ -210,10 +223,12 @@ class OpenSoraT2V:
 
         self.launch = launch or Launch(0, 1, torch.device(args.device))
         self.args, self.device = args, self.launch.device
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
-        ]  # official: bf16 DiT and VAE, fp32 T5
-        self.dit = load_stdit3(paths["ckpt_path"], device=self.device, dtype=self.dtype)
+        self.dtype = dit_dtype(args)  # official: bf16 DiT and VAE, fp32 T5
+        self.dit = load_stdit3(
+            paths["ckpt_path"], device=self.device, dtype=self.dtype, attn_backend=args.attention
+        )
+        if args.compile:  # the blocks only: the cache decision in generate() stays eager
+            compile_blocks(self.dit)
         self.vae = OpenSoraVAE.from_checkpoint(
             paths["vae_path"], device=self.device, dtype=self.dtype, config=vae_config
         )

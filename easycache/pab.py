@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
+import torch
 from torch import Tensor
 
 from .configs import KINDS, PAB_OPENSORA, PABConfig  # noqa: F401 (re-exported)
@@ -33,7 +34,7 @@ class _LayerBroadcast:
         self.owner, self.hook, self.layer = owner, hook, layer
 
     def __call__(self, kind: str, fn: Callable[..., Tensor], *args) -> Tensor:
-        return self.owner._attend(self.hook, self.layer, kind, fn, args)
+        return self.owner._attend_eagerly(self.hook, self.layer, kind, fn, args)
 
 
 class PAB(HookCache):
@@ -61,6 +62,11 @@ class PAB(HookCache):
         self._outputs: dict[tuple[str, str, int], Tensor] = {}  # (branch, kind, layer) -> last output
         self.counts = {k: {"computed": 0, "broadcast": 0} for k in KINDS}
         self._broadcast_calls: dict[int, list[str]] = {}  # id(hook) -> kinds broadcast in that call
+        # Under --compile (compiled blocks) the broadcast decision stays out of the graph, as every cache
+        # decision does: traced, its step-dependent branch would recompile the blocks at every step. Marked
+        # here, the block's graph breaks around the attention, which runs eagerly (computed or reused).
+        # Wrapped per instance, not at import: torch.compiler.disable imports torch._dynamo (seconds).
+        self._attend_eagerly = torch.compiler.disable(self._attend)
 
     def _decide_blocks(self, step, branch, x, probes) -> tuple[bool, str]:
         if self.timesteps is None:

@@ -126,7 +126,9 @@ class SequenceParallel:
         """This rank's 1/P of `x` along `dim`, which must divide evenly (contiguous chunks in rank order)."""
         if x.shape[dim] % self.world_size:
             raise ValueError(f"cannot split {x.shape[dim]} evenly over {self.world_size} ranks")
-        return x.chunk(self.world_size, dim=dim)[self.rank]
+        # A copy with its own packed strides, not a view into the whole: torch.compile guards on strides, so
+        # a view would give the first compiled block a second graph (--compile). Same values, same maths.
+        return x.chunk(self.world_size, dim=dim)[self.rank].clone(memory_format=torch.contiguous_format)
 
     def padded_length(self, length: int) -> int:
         """`length` rounded up to a multiple of P, as the official Wan pads its token sequence."""

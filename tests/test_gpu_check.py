@@ -8,8 +8,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import gpu_check
-from benchmarks.flops import hunyuan_forward_flops, wan_forward_flops
+from benchmarks.flops import hunyuan_forward_flops, opensora_forward_flops, wan_forward_flops
 from models.hunyuan import HunyuanVideoConfig, HunyuanVideoModel, guidance_input
+from models.opensora import STDiT3, STDiT3Config
 from models.wan import WanConfig, WanModel
 
 
@@ -48,6 +49,20 @@ def test_hunyuan_flops_equal_torch_flop_counter():
     assert sum(flops.values()) == counted(HunyuanVideoModel(cfg).eval(), *args)
 
 
+def test_opensora_flops_equal_torch_flop_counter():
+    cfg = STDiT3Config(
+        hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0, caption_channels=16, model_max_length=6
+    )
+    b, one = (
+        2,
+        torch.tensor([64.0]),
+    )  # the CFG pair; fps and sizes once for the pair, as the script passes them
+    args = (torch.randn(b, 4, 3, 4, 5), torch.tensor([500.0] * b), torch.randn(b, 1, 6, 16),
+            torch.tensor([[1, 1, 1, 1, 0, 0]]), torch.tensor([24.0]), one, one)  # fmt: skip
+    flops = opensora_forward_flops(cfg, (3, 4, 5), batch=b)  # W 5 is padded to 6: a 3x2x3 patch grid
+    assert sum(flops.values()) == counted(STDiT3(cfg).eval(), *args)
+
+
 def test_real_size_counts_are_plausible():
     """Wan2.1-1.3B at 832x480x81: 32,760 tokens; ~2 x 1.3e9 x 32,760 FLOPs of weights plus attention."""
     from models.wan import WAN_CONFIGS
@@ -78,10 +93,39 @@ def test_small_run_writes_json_and_markdown(tmp_path):
     assert "| Wan tiny (demo) 64x64x17 | ours (sdpa) --cfg_batch | 2 |" in table and result == saved
 
 
+def test_small_opensora_run_has_ours_only(tmp_path):
+    """OpenSora 1.2 has no diffusers class and always batches its CFG pair: ours, batch 2, with the cache
+    costs against that one call."""
+    out = tmp_path / "gc"
+    argv = [
+        "--small",
+        "--models",
+        "opensora",
+        "--no-compile",
+        "--warmup",
+        "1",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    (case,) = gpu_check.main(argv)["cases"]
+    assert case["tokens"] == 5 * 8 * 8 and case["rel_diff_vs_diffusers"] is None
+    assert [(r["label"], r["batch"]) for r in case["rows"]] == [("ours (sdpa) (batched CFG, as always)", 2)]
+    s = case["summary"]
+    assert (
+        s["ours_over_diffusers_time"] is None
+        and s["cfg_batch_speedup"] is None
+        and s["compile_speedup"] is None
+    )
+    assert 0 < s["decision_over_dit_call"] and 0 < s["skipped_over_computed_step"] < 1
+    assert "| OpenSora small 128x128x17 | n/a | n/a | n/a | n/a |" in (out / "gpu_check.md").read_text()
+
+
 def test_bad_flags_and_a_missing_gpu_fail_early(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="error: no CUDA device"):
             gpu_check.main(["--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="error: --models"):
-        gpu_check.main(["--small", "--models", "opensora", "--out", str(tmp_path)])
+        gpu_check.main(["--small", "--models", "ltx", "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
