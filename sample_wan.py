@@ -363,13 +363,11 @@ class WanT2V:
         )
         if args.t5_fsdp:
             shard_model(self.text_encoder.model, self.text_encoder.model.encoder.block)
-        # FSDP: load on the CPU; fully_shard moves each rank's 1/N to the device (as the official FSDP1 path).
+        # --dit_fsdp: sharded while loading (FSDP2): each rank reads only its 1/N of every weight.
         self.dit = load_wan(
-            ckpt_dir, config=task.dit, device="cpu" if args.dit_fsdp else self.device, dtype=dtype,
-            repo_id=task.repo_id, attn_backend=args.attention,
+            ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id,
+            attn_backend=args.attention, fsdp=args.dit_fsdp,
         )  # fmt: skip
-        if args.dit_fsdp:
-            shard_model(self.dit, self.dit.blocks)
         self.sp = None  # sequence parallelism: every rank runs each DiT call on 1/N of the tokens
         if args.ulysses_size * args.ring_size > 1:
             self.sp = init_sequence_parallel(

@@ -16,7 +16,8 @@ Targets on an H100 (issue 23; a benchmark, never a timed test): ours >= 1.0x dif
 480p x 81 in bf16, an EasyCache decision < 0.5% of one DiT call, a skipped step < 1% of a computed one.
 The full run does about 40-60 forwards and two compilations per block kind and model; estimated (not
 measured: no GPU was at hand) 5-7 minutes on an H100, most of it inductor compiling; --no-compile or
---models shorten it.
+--models shorten it. --budget-min (default 7.5) bounds it: compiled rows whose estimated time would overrun
+the budget, and models once it is spent, are left out and named in the JSON and the table.
 """
 
 from __future__ import annotations
@@ -245,6 +246,31 @@ def paired_speedup(single, batched, dev: Device, reps: int) -> float:
     return statistics.median(ratios)
 
 
+class Budget:
+    """The wall-clock budget of the whole check (--budget-min). A compiled row is left out, with a note in
+    the JSON and the table, when its estimated time (compiling every block kind, then warm-up and timed calls
+    at the eager speed) would overrun the budget, and a model is left out when the budget is spent, so that a
+    run ends in about that time whatever the GPU. Compilation is guessed at 60 s per block kind until a
+    compiled row has been measured, then the slowest one measured."""
+
+    def __init__(self, minutes: float):
+        self.start = time.perf_counter()
+        self.limit = minutes * 60 if minutes > 0 else math.inf
+        self.compile_per_kind = 60.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, seconds: float) -> bool:
+        return self.elapsed() + seconds <= self.limit
+
+    def observe_compile(self, m: dict, kinds: int) -> None:
+        self.compile_per_kind = max(m["first_s"] - m["median_s"], 0.0) / kinds
+
+    def __str__(self) -> str:
+        return f"{self.limit / 60:g}-minute budget (--budget-min)"
+
+
 def cost(m: dict) -> float:
     """The seconds a ratio compares: wall median on a GPU, process CPU seconds on the CPU (see measure)."""
     return m["median_s"] if m["cpu_s"] is None else m["cpu_s"]
@@ -291,9 +317,12 @@ def cache_costs(x: torch.Tensor, dev: Device, reps: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | None) -> dict:
+def run_case(
+    case: Case, args, dev: Device, dtype: torch.dtype, peak: float | None, budget: Budget | None = None
+) -> dict:
     """Every measurement of one model; the diffusers model is freed before ours is compiled."""
-    rows, w, r = [], args.warmup, args.reps
+    rows, w, r, skipped = [], args.warmup, args.reps, []
+    budget = budget or Budget(0)
 
     def row(label: str, batch: int, m: dict, attn: str, compiled: bool = False) -> dict:
         flops = forward_flops(case, batch)
@@ -309,6 +338,7 @@ def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | No
               f"{tflops:8.4g} TFLOP/s{mfu}{mem}", flush=True)  # fmt: skip
         return m
 
+    start = time.perf_counter()
     ours, ref = build(case, args.device, dtype, "sdpa")
     weights_gib = dev.allocated() / 2**30 if dev.cuda else None
     rel = ours_m = ref_m = None
@@ -326,8 +356,17 @@ def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | No
     del ref
     dev.free()
     backend = resolve_backend(args.attention, args.device, dtype)
+    backend_rel = None
     if backend != "sdpa":  # the same weights on the chosen kernel (ours only: diffusers has its own)
-        ours = _rebuild_with(ours, case, backend)
+        # Its numerics against SDPA: one call on the same inputs with each kernel (the CFG pair for OpenSora).
+        probe = 1 if case.has_diffusers else 2
+        with torch.inference_mode():
+            sdpa_out = calls(case, ours, None, probe, args.device, dtype)[0]().float()
+            ours = _rebuild_with(ours, case, backend)
+            out = calls(case, ours, None, probe, args.device, dtype)[0]().float()
+            backend_rel = ((out - sdpa_out).norm() / sdpa_out.norm()).item()
+        print(f"  {backend} vs SDPA: relative L2 difference {backend_rel:.2e}", flush=True)
+        del sdpa_out, out
     one, _ = calls(case, ours, None, 1, args.device, dtype)
     two, _ = calls(case, ours, None, 2, args.device, dtype)
     # OpenSora's one DiT call of a computed step is the batch-2 pair; the others' is one batch-1 branch.
@@ -348,11 +387,19 @@ def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | No
         if not args.no_compile:
             # one static graph per block kind and batch size
             compile_blocks(ours, dynamic=False, backend=args.compile_backend)
-            if case.has_diffusers:
-                compiled[1] = row(f"ours ({backend}) --compile", 1, measure(one, dev, w, r), backend, True)
-            compiled[2] = row(
-                f"ours ({backend}) --compile {cfg_label}", 2, measure(two, dev, w, r), backend, True
-            )
+            kinds = sum(isinstance(m, torch.nn.ModuleList) for m in ours.children())
+            todo = [(1, one, eager1, "--compile"), (2, two, eager2, f"--compile {cfg_label}")]
+            for batch, fn, eager, flags in todo if case.has_diffusers else todo[1:]:
+                estimate = budget.compile_per_kind * kinds + (w + r) * eager["median_s"]
+                if not budget.allows(estimate):
+                    note = f"ours {flags} (B={batch}): about {estimate:.0f} s more would overrun the {budget}"
+                    print(f"  left out: {note}", flush=True)
+                    skipped.append(note)
+                    continue
+                compiled[batch] = row(
+                    f"ours ({backend}) {flags}", batch, measure(fn, dev, w, r), backend, True
+                )
+                budget.observe_compile(compiled[batch], kinds)
     del ours, one, two
     dev.free()
     if case.has_diffusers:
@@ -365,19 +412,25 @@ def run_case(case: Case, args, dev: Device, dtype: torch.dtype, peak: float | No
         "ours_over_diffusers_time": cost(ours_m) / cost(ref_m) if case.has_diffusers else None,
         "cfg_batch_speedup": cfg_speedup,
         "compile_speedup": (
-            (fwd / cost(compiled[1]) if case.has_diffusers else fwd / cost(compiled[2])) if compiled else None
+            fwd / cost(compiled[1 if case.has_diffusers else 2])
+            if (1 if case.has_diffusers else 2) in compiled
+            else None
         ),
         "compile_cfg_batch_speedup": (
-            2 * cost(compiled[1]) / cost(compiled[2]) if compiled and case.has_diffusers else None
+            2 * cost(compiled[1]) / cost(compiled[2]) if {1, 2} <= set(compiled) else None
         ),
+        "attention_rel_diff_vs_sdpa": backend_rel,  # None when the speed rows run on SDPA itself
         "decision_over_dit_call": costs["decision_s"] / fwd,
         "skipped_over_computed_step": costs["skipped_step_s"] / computed_step,
     }
     print("  " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if v is not None), flush=True)
+    seconds_spent = time.perf_counter() - start
+    print(f"  {case.name}: {seconds_spent:.0f} s (building, timing and compiling)", flush=True)
     return dict(
         name=case.name, family=case.family, latent=list(case.latent), text_len=case.text_len,
         tokens=math.prod(-(-s // p) for s, p in zip(case.latent, case.config.patch_size)),
         rel_diff_vs_diffusers=rel, weights_gib=weights_gib, rows=rows, cache=costs, summary=summary,
+        seconds=seconds_spent, skipped=skipped,
     )  # fmt: skip
 
 
@@ -399,7 +452,10 @@ def markdown(result: dict) -> str:
     lines = [
         f"Device: {env['device']}; torch {env['torch']}; {env['dtype']}; "
         f"peak {env['peak_tflops'] or 'n/a'} TFLOP/s; {env['warmup']} warm-up + {env['reps']} timed calls; "
-        f"torch.compile backend {env['compile_backend']}; ratios and TFLOP/s from {env['timing']} seconds.",
+        f"torch.compile backend {env['compile_backend']}; ratios and TFLOP/s from {env['timing']} seconds; "
+        f"{env['total_seconds']:.0f} s in all ("
+        + ", ".join(f"{c['name']} {c['seconds']:.0f} s" for c in result["cases"])
+        + ").",
         "",
         "| model | run | B | s / forward (median) | min | CPU s | first call | TFLOP/s | MFU | peak GiB "
         "| +GiB |",
@@ -418,8 +474,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "| model | ours / diffusers time | --cfg_batch speed-up | --compile speed-up | both | "
-        "decision / DiT call | skipped / computed step |",
-        "|---|---|---|---|---|---|---|",
+        "decision / DiT call | skipped / computed step | attention vs SDPA (rel. L2) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, f: "n/a" if v is None else format(v, f) + ("x" if f == ".3f" else "")  # noqa: E731
     for case in result["cases"]:
@@ -431,8 +487,12 @@ def markdown(result: dict) -> str:
             f"| {case['name']} | {fmt(s['ours_over_diffusers_time'], '.4f')} | "
             f"{fmt(s['cfg_batch_speedup'], '.3f')} | {fmt(s['compile_speedup'], '.3f')} | "
             f"{fmt(both, '.3f')} | "
-            f"{fmt(s['decision_over_dit_call'], '.3%')} | {fmt(s['skipped_over_computed_step'], '.3%')} |"
+            f"{fmt(s['decision_over_dit_call'], '.3%')} | {fmt(s['skipped_over_computed_step'], '.3%')} | "
+            f"{fmt(s['attention_rel_diff_vs_sdpa'], '.2e')} |"
         )
+    left_out = result["environment"].get("skipped", []) + [n for c in result["cases"] for n in c["skipped"]]
+    if left_out:
+        lines += ["", "Left out to stay within the time budget: " + "; ".join(left_out) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -452,6 +512,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile backend (default inductor; with --small aot_eager: inductor's C++ compilation "
         "takes minutes on a small CPU, and CPU timings prove nothing about a GPU anyway)",
     )
+    p.add_argument(
+        "--budget-min",
+        type=float,
+        default=7.5,
+        help="wall-clock minutes for the whole check (0: no limit); compiled rows that would overrun it, and "
+        "models once it is spent, are left out with a note (default 7.5: 8 minutes less start-up)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 gives steadier CPU seconds)")
     p.add_argument("--peak-tflops", type=float, help="for MFU (default: from the GPU's name; none on CPU)")
     p.add_argument("--out", default="outputs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
@@ -469,6 +536,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError("no CUDA device here: run with --small (CPU) or on a GPU machine")
         if args.warmup < 1 or args.reps < 1 or (args.hunyuan_frames - 1) % 4:
             raise ValueError("need --warmup >= 1, --reps >= 1 and --hunyuan-frames = 4n+1")
+        if not math.isfinite(args.budget_min) or args.budget_min < 0:
+            raise ValueError(f"--budget-min must be >= 0 minutes (0: no limit), got {args.budget_min}")
         families = [m.strip() for m in args.models.split(",") if m.strip()]
         if not families or set(families) - set(FAMILIES):
             raise ValueError(f"--models takes a comma list of {', '.join(FAMILIES)}; got {args.models!r}")
@@ -487,12 +556,17 @@ def main(argv: list[str] | None = None) -> dict:
                compile_backend=args.compile_backend,
                timing="wall" if dev.cuda else "process CPU")  # fmt: skip
     print(f"gpu_check on {env['device']}, {args.dtype}, torch {torch.__version__}", flush=True)
-    start = time.perf_counter()
-    results = []
+    budget = Budget(args.budget_min)
+    results, env["skipped"] = [], []
     for case in cases(args.small, args.hunyuan_frames):
-        if case.family in families:
-            results.append(run_case(case, args, dev, dtype, peak))
-    env["total_seconds"] = time.perf_counter() - start
+        if case.family not in families:
+            continue
+        if not budget.allows(0):
+            env["skipped"].append(f"{case.name}: the {budget} was spent")
+            print(f"left out: {env['skipped'][-1]}", flush=True)
+            continue
+        results.append(run_case(case, args, dev, dtype, peak, budget))
+    env["total_seconds"] = budget.elapsed()
     result = {"environment": env, "cases": results}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:

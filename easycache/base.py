@@ -111,6 +111,7 @@ class StepCache:
             if record["compute"] != mine:  # never expected; recorded so that a trace shows it
                 record["reason"] = "rank0_compute" if record["compute"] else "rank0_reuse"
                 record["note"] = f"this rank decided {'compute' if mine else 'skip'}; rank 0's decision taken"
+                self._follow(record["compute"], record)
         self._records.append(record)
         self._prev_x = x.detach().clone()
         self._step, self._pending = step, record["compute"]
@@ -164,9 +165,26 @@ class StepCache:
     def _observe(self, x: Tensor, v: Tensor) -> None:
         """Called on every computed step with the first branch, before Δ and last_x are replaced."""
 
+    def _follow(self, compute: bool, record: dict) -> None:
+        """This rank decided otherwise and takes rank 0's decision `compute`: bring the decision state (e.g.
+        an accumulator that a computed step resets) in line with it."""
+
     # ----------------------------------------------------------------------------------------------
     # Trace and statistics
     # ----------------------------------------------------------------------------------------------
+    def split_group(self, split: bool) -> dist.ProcessGroup | None:
+        """The group to reduce a statistic over when its tensor holds only this rank's part of the tokens
+        (`split`, sequence parallelism): the decision group, the ranks that share every DiT call. None when
+        the tensor is whole on every rank."""
+        if not split:
+            return None
+        if self.decision_group is None:
+            raise RuntimeError(
+                f"{type(self).__name__} got tensors split over ranks (sequence parallelism) without a "
+                "decision_group to reduce their statistics over"
+            )
+        return self.decision_group
+
     def mean_abs(self, t: Tensor) -> Tensor:
         """‖t‖ as the authors define it: mean |t| over every element of the whole batch (0-dim fp32)."""
         if self.group is None:
@@ -248,7 +266,8 @@ class StepCache:
 
 def broadcast_decision(compute: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
     """The decision of `group`'s first rank, on every rank of it (one small broadcast per step; the tensor
-    lives on `device` so that NCCL can carry it)."""
+    lives on `device` so that NCCL can carry it, on the CPU for gloo)."""
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
     flag = torch.tensor([int(compute)], dtype=torch.int32, device=device)
     dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
     return bool(flag.item())

@@ -108,6 +108,14 @@ class EasyCache(StepCache):
         self._last_v = v.detach().clone()
         self._last_v_norm = self.mean_abs(v)
 
+    def _follow(self, compute: bool, record: dict) -> None:
+        # Rank 0 computed: E restarts, as after any computed step. Rank 0 skipped: E_t stays accumulated
+        # (this rank's E_t, which reached τ here, equals rank 0's but for the last bits).
+        if compute:
+            self.acc = 0.0
+        elif record["acc"] is not None:
+            self.acc = record["acc"]
+
     def _fold_rates(self, rates: list[float]) -> bool:
         """Fold newly measured rates into k; True if the newest one is not finite (a zero denominator)."""
         self._new_rates = []

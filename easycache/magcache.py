@@ -49,8 +49,14 @@ class MagCache(HookCache):
         self.acc_ratio: dict[str, float] = {}
         self.acc_err: dict[str, float] = {}
         self.acc_steps: dict[str, int] = {}
+        self._before_reset: tuple[float, int, float] | None = None  # this call's accumulators before a reset
 
-    def _decide_blocks(self, step: int, branch: str, x: Tensor, probes) -> tuple[bool, str]:
+    def _decide_blocks(
+        self, step: int, branch: str, x: Tensor, probes, split=frozenset()
+    ) -> tuple[bool, str]:
+        # The decision reads only the calibrated ratios and the step, no tensor statistic: the same on every
+        # rank and under any layout (rank 0's is still the one taken, see HookCache).
+        self._before_reset = None
         if branch not in self.ratios:
             raise ValueError(
                 f"MagCache has no ratios for branch {branch!r} (have {sorted(self.ratios)}); calibrate them "
@@ -66,8 +72,15 @@ class MagCache(HookCache):
         rec.setdefault("acc_by_branch", {})[branch] = self.acc_err[branch]
         if self.acc_err[branch] < cfg.magcache_thresh and self.acc_steps[branch] <= cfg.magcache_K:
             return False, "reuse"
+        self._before_reset = (self.acc_ratio[branch], self.acc_steps[branch], self.acc_err[branch])
         self.acc_ratio[branch], self.acc_steps[branch], self.acc_err[branch] = 1.0, 0, 0.0
         return True, "threshold"
+
+    def _follow_blocks(self, branch: str, compute: bool) -> None:
+        if compute:  # rank 0 computed: restart, as after any computed call
+            self.acc_ratio[branch], self.acc_steps[branch], self.acc_err[branch] = 1.0, 0, 0.0
+        elif self._before_reset is not None:  # rank 0 skipped: undo this rank's reset
+            self.acc_ratio[branch], self.acc_steps[branch], self.acc_err[branch] = self._before_reset
 
     @property
     def stats(self) -> dict:

@@ -68,7 +68,7 @@ class PAB(HookCache):
         # Wrapped per instance, not at import: torch.compiler.disable imports torch._dynamo (seconds).
         self._attend_eagerly = torch.compiler.disable(self._attend)
 
-    def _decide_blocks(self, step, branch, x, probes) -> tuple[bool, str]:
+    def _decide_blocks(self, step, branch, x, probes, split=frozenset()) -> tuple[bool, str]:
         if self.timesteps is None:
             raise RuntimeError("PAB needs the schedule's timesteps: make_cache(config, steps, timesteps=...)")
         return True, "dit"  # the block stack always runs; single attentions are broadcast inside it

@@ -56,7 +56,7 @@ class TeaCache(HookCache):
             )
         return probes[self.config.probe]
 
-    def _decide_blocks(self, step, branch, x, probes) -> tuple[bool, str]:
+    def _decide_blocks(self, step, branch, x, probes, split=frozenset()) -> tuple[bool, str]:
         cfg, p = self.config, self._probe(probes)
         prev = self._prev_probe.get(branch)
         self._prev_probe[branch] = p.detach().clone()
@@ -64,7 +64,10 @@ class TeaCache(HookCache):
         if step < cfg.ret_steps or (cfg.compute_last and step == self.num_steps - 1) or prev is None:
             self.acc[branch] = 0.0
             return True, "warmup" if step < cfg.ret_steps or prev is None else "last_step"
-        d = rel_l1(p, prev)  # one host sync per call, as the official `.cpu().item()`
+        # One host sync per call, as the official `.cpu().item()`. Under sequence parallelism a token-wise
+        # probe (HunyuanVideo's "modulated") is this rank's part: its sums are reduced over the ranks, so d is
+        # the whole tensor's, as in one process.
+        d = rel_l1(p, prev, self.split_group(cfg.probe in split))
         self.acc[branch] = self.acc.get(branch, 0.0) + poly(cfg.coefficients, d)
         rec.setdefault("rel_l1", {})[branch] = d
         rec.setdefault("acc_by_branch", {})[branch] = self.acc[branch]
@@ -74,6 +77,12 @@ class TeaCache(HookCache):
             return False, "reuse"
         self.acc[branch] = 0.0
         return True, "threshold"
+
+    def _follow_blocks(self, branch: str, compute: bool) -> None:
+        # Rank 0 computed: A restarts. Rank 0 skipped: A_t stays accumulated (this rank's, recorded before it
+        # reached τ and was reset, equals rank 0's but for the last bits).
+        acc = self._records[-1].get("acc_by_branch", {}).get(branch)
+        self.acc[branch] = 0.0 if compute or acc is None else acc
 
     def _observe_probes(self, step, branch, probes) -> None:
         self._prev_probe[branch] = self._probe(probes).detach().clone()

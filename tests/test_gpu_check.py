@@ -88,9 +88,11 @@ def test_small_run_writes_json_and_markdown(tmp_path):
     ]["flops"]
     assert all(r["median_s"] > 0 and r["cpu_s"] > 0 for r in case["rows"])
     assert case["summary"]["compile_speedup"] is None and case["summary"]["decision_over_dit_call"] > 0
+    assert case["summary"]["attention_rel_diff_vs_sdpa"] is None  # the rows ran on SDPA itself
     assert case["cache"]["skipped_step_s"] >= case["cache"]["decision_s"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| Wan tiny (demo) 64x64x17 | ours (sdpa) --cfg_batch | 2 |" in table and result == saved
+    assert 0 < case["seconds"] <= saved["environment"]["total_seconds"]  # the duration is reported
 
 
 def test_small_opensora_run_has_ours_only(tmp_path):
@@ -122,10 +124,54 @@ def test_small_opensora_run_has_ours_only(tmp_path):
     assert "| OpenSora small 128x128x17 | n/a | n/a | n/a | n/a |" in (out / "gpu_check.md").read_text()
 
 
+def test_another_attention_kernel_is_compared_with_sdpa(tmp_path, monkeypatch):
+    """With --attention flash or sage (CUDA only) ours is rebuilt on that kernel and its output compared with
+    SDPA's on the same inputs. On the CPU "auto" stands in for it: it runs SDPA, so the difference is 0."""
+    monkeypatch.setattr(gpu_check, "resolve_backend", lambda *args: "auto")
+    out = tmp_path / "gc"
+    argv = [
+        "--small",
+        "--models",
+        "opensora",
+        "--no-compile",
+        "--warmup",
+        "1",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    (case,) = gpu_check.main(argv)["cases"]
+    assert case["summary"]["attention_rel_diff_vs_sdpa"] == 0.0 and case["rows"][0]["attention"] == "auto"
+    assert "| 0.00e+00 |" in (out / "gpu_check.md").read_text()
+
+
+def test_a_spent_budget_leaves_compiled_rows_and_models_out_with_a_note(tmp_path):
+    """--budget-min: a compiled row whose estimated time (60 s per block kind before any was measured) would
+    overrun the budget is left out, and so is a model once the budget is spent; both are named."""
+    out = tmp_path / "gc"
+    argv = ["--small", "--models", "wan,opensora", "--budget-min", "0.01", "--warmup", "1", "--reps", "1",
+            "--out", str(out)]  # fmt: skip
+    result = gpu_check.main(argv)
+    (case,) = result["cases"]  # Wan ran (models run in a fixed order); the budget (0.6 s) was spent after it
+    assert case["family"] == "wan" and not any(r["compiled"] for r in case["rows"]) and len(case["rows"]) == 3
+    assert case["summary"]["compile_speedup"] is None and case["summary"]["compile_cfg_batch_speedup"] is None
+    assert [n.split(":")[0] for n in case["skipped"]] == [
+        "ours --compile (B=1)",
+        "ours --compile --cfg_batch (B=2)",
+    ]
+    assert result["environment"]["skipped"] == [
+        "OpenSora small 128x128x17: the 0.01-minute budget (--budget-min) was spent"
+    ]
+    assert "Left out to stay within the time budget: OpenSora small" in (out / "gpu_check.md").read_text()
+
+
 def test_bad_flags_and_a_missing_gpu_fail_early(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="error: no CUDA device"):
             gpu_check.main(["--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="error: --models"):
         gpu_check.main(["--small", "--models", "ltx", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="error: --budget-min"):
+        gpu_check.main(["--small", "--budget-min", "-1", "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
