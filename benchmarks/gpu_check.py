@@ -356,8 +356,17 @@ def run_case(
     del ref
     dev.free()
     backend = resolve_backend(args.attention, args.device, dtype)
+    backend_rel = None
     if backend != "sdpa":  # the same weights on the chosen kernel (ours only: diffusers has its own)
-        ours = _rebuild_with(ours, case, backend)
+        # Its numerics against SDPA: one call on the same inputs with each kernel (the CFG pair for OpenSora).
+        probe = 1 if case.has_diffusers else 2
+        with torch.inference_mode():
+            sdpa_out = calls(case, ours, None, probe, args.device, dtype)[0]().float()
+            ours = _rebuild_with(ours, case, backend)
+            out = calls(case, ours, None, probe, args.device, dtype)[0]().float()
+            backend_rel = ((out - sdpa_out).norm() / sdpa_out.norm()).item()
+        print(f"  {backend} vs SDPA: relative L2 difference {backend_rel:.2e}", flush=True)
+        del sdpa_out, out
     one, _ = calls(case, ours, None, 1, args.device, dtype)
     two, _ = calls(case, ours, None, 2, args.device, dtype)
     # OpenSora's one DiT call of a computed step is the batch-2 pair; the others' is one batch-1 branch.
@@ -410,6 +419,7 @@ def run_case(
         "compile_cfg_batch_speedup": (
             2 * cost(compiled[1]) / cost(compiled[2]) if {1, 2} <= set(compiled) else None
         ),
+        "attention_rel_diff_vs_sdpa": backend_rel,  # None when the speed rows run on SDPA itself
         "decision_over_dit_call": costs["decision_s"] / fwd,
         "skipped_over_computed_step": costs["skipped_step_s"] / computed_step,
     }
@@ -464,8 +474,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "| model | ours / diffusers time | --cfg_batch speed-up | --compile speed-up | both | "
-        "decision / DiT call | skipped / computed step |",
-        "|---|---|---|---|---|---|---|",
+        "decision / DiT call | skipped / computed step | attention vs SDPA (rel. L2) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, f: "n/a" if v is None else format(v, f) + ("x" if f == ".3f" else "")  # noqa: E731
     for case in result["cases"]:
@@ -477,7 +487,8 @@ def markdown(result: dict) -> str:
             f"| {case['name']} | {fmt(s['ours_over_diffusers_time'], '.4f')} | "
             f"{fmt(s['cfg_batch_speedup'], '.3f')} | {fmt(s['compile_speedup'], '.3f')} | "
             f"{fmt(both, '.3f')} | "
-            f"{fmt(s['decision_over_dit_call'], '.3%')} | {fmt(s['skipped_over_computed_step'], '.3%')} |"
+            f"{fmt(s['decision_over_dit_call'], '.3%')} | {fmt(s['skipped_over_computed_step'], '.3%')} | "
+            f"{fmt(s['attention_rel_diff_vs_sdpa'], '.2e')} |"
         )
     left_out = result["environment"].get("skipped", []) + [n for c in result["cases"] for n in c["skipped"]]
     if left_out:

@@ -20,66 +20,14 @@ of a batch and take `.abs().mean()`), so one decision covers the batch and every
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .base import StepCache
-
-K_UPDATES = ("local", "mean", "ema")
-
-
-@dataclass(frozen=True)
-class EasyCacheConfig:
-    """Settings of the runtime-adaptive criterion; defaults are the paper's Wan2.1 setting."""
-
-    thresh: float = 0.05
-    """τ: skip while the accumulated deviation E_t stays below it (authors: `thresh`; Wan 0.05,
-    HunyuanVideo 0.025). τ = 0 computes every step."""
-
-    warmup: int = 10
-    """R: the first R sampling steps are always computed (authors: `ret_steps`, counted there in forward
-    calls, `10 * 2` for Wan with CFG; here in sampling steps)."""
-
-    compute_last: bool = True
-    """Always compute the last step (authors: `cutoff_steps`, the last step's calls)."""
-
-    k_update: str = "local"
-    """How k follows the rates measured at computed steps: "local" keeps the latest one (paper: k_local, the
-    adopted variant; authors: `k`), "mean" averages all of them (paper: k_avg), "ema" keeps an exponential
-    moving average with weight `ema_decay` on the past (paper: k_ema)."""
-
-    ema_decay: float = 0.9
-    """Weight of the past in the "ema" k update (ours: the paper does not state its value)."""
-
-    reuse_output: bool = False
-    """Ablation: on a skipped step return the last computed output v_i itself instead of x_t + Δ_i (the
-    naive output cache that the transformation vector improves on; commented out in the authors' code)."""
-
-    branch: str | None = None
-    """The CFG branch whose output drives k and ‖v_i‖ (e.g. "cond", as the authors' even calls); None: the
-    first branch handed to update(). All branches share the one decision per step either way."""
-
-    def __post_init__(self):
-        if self.branch is not None and (not isinstance(self.branch, str) or not self.branch):
-            raise ValueError(f"EasyCacheConfig.branch must be a branch name or None, got {self.branch!r}")
-        if isinstance(self.thresh, bool) or not isinstance(self.thresh, (int, float)) or not self.thresh >= 0:
-            raise ValueError(f"EasyCacheConfig.thresh (τ) must be a number >= 0, got {self.thresh!r}")
-        if math.isinf(self.thresh):
-            raise ValueError(
-                "EasyCacheConfig.thresh (τ) must be finite; use a large number to skip aggressively"
-            )
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"EasyCacheConfig.warmup (R) must be an int >= 0, got {self.warmup!r}")
-        if self.k_update not in K_UPDATES:
-            raise ValueError(f"EasyCacheConfig.k_update must be one of {K_UPDATES}, got {self.k_update!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"EasyCacheConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        for name in ("compute_last", "reuse_output"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"EasyCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
+from .configs import K_UPDATES, EasyCacheConfig  # noqa: F401 (re-exported: the config lives with the others)
 
 
 class EasyCache(StepCache):

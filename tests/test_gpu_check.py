@@ -88,6 +88,7 @@ def test_small_run_writes_json_and_markdown(tmp_path):
     ]["flops"]
     assert all(r["median_s"] > 0 and r["cpu_s"] > 0 for r in case["rows"])
     assert case["summary"]["compile_speedup"] is None and case["summary"]["decision_over_dit_call"] > 0
+    assert case["summary"]["attention_rel_diff_vs_sdpa"] is None  # the rows ran on SDPA itself
     assert case["cache"]["skipped_step_s"] >= case["cache"]["decision_s"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| Wan tiny (demo) 64x64x17 | ours (sdpa) --cfg_batch | 2 |" in table and result == saved
@@ -121,6 +122,28 @@ def test_small_opensora_run_has_ours_only(tmp_path):
     )
     assert 0 < s["decision_over_dit_call"] and 0 < s["skipped_over_computed_step"] < 1
     assert "| OpenSora small 128x128x17 | n/a | n/a | n/a | n/a |" in (out / "gpu_check.md").read_text()
+
+
+def test_another_attention_kernel_is_compared_with_sdpa(tmp_path, monkeypatch):
+    """With --attention flash or sage (CUDA only) ours is rebuilt on that kernel and its output compared with
+    SDPA's on the same inputs. On the CPU "auto" stands in for it: it runs SDPA, so the difference is 0."""
+    monkeypatch.setattr(gpu_check, "resolve_backend", lambda *args: "auto")
+    out = tmp_path / "gc"
+    argv = [
+        "--small",
+        "--models",
+        "opensora",
+        "--no-compile",
+        "--warmup",
+        "1",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    (case,) = gpu_check.main(argv)["cases"]
+    assert case["summary"]["attention_rel_diff_vs_sdpa"] == 0.0 and case["rows"][0]["attention"] == "auto"
+    assert "| 0.00e+00 |" in (out / "gpu_check.md").read_text()
 
 
 def test_a_spent_budget_leaves_compiled_rows_and_models_out_with_a_note(tmp_path):
