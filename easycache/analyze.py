@@ -4,22 +4,14 @@ and the statistics `python -m easycache.calibrate` fits TeaCache's polynomial an
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .cache import EasyCache, EasyCacheConfig
+from .cache import EasyCache
+from .configs import AnalyzeConfig
 from .hooks import rel_l1
-
-
-@dataclass(frozen=True)
-class AnalyzeConfig(EasyCacheConfig):
-    """`--cache analyze`: EasyCache at τ = 0, R = 0 (every step computed), also recording calibration data."""
-
-    thresh: float = 0.0
-    warmup: int = 0
 
 
 class _RecordingHook:

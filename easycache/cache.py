@@ -20,94 +20,14 @@ of a batch and take `.abs().mean()`), so one decision covers the batch and every
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .base import StepCache
-from .forecast import FORECASTS
-
-K_UPDATES = ("local", "mean", "ema")
-ACCUMULATE = ("change", "integral")
-
-
-@dataclass(frozen=True)
-class EasyCacheConfig:
-    """Settings of the runtime-adaptive criterion; defaults are the paper's Wan2.1 setting."""
-
-    thresh: float = 0.05
-    """τ: skip while the accumulated deviation E_t stays below it (authors: `thresh`; Wan 0.05,
-    HunyuanVideo 0.025). τ = 0 computes every step."""
-
-    warmup: int = 10
-    """R: the first R sampling steps are always computed (authors: `ret_steps`, counted there in forward
-    calls, `10 * 2` for Wan with CFG; here in sampling steps)."""
-
-    compute_last: bool = True
-    """Always compute the last step (authors: `cutoff_steps`, the last step's calls)."""
-
-    k_update: str = "local"
-    """How k follows the rates measured at computed steps: "local" keeps the latest one (paper: k_local, the
-    adopted variant; authors: `k`), "mean" averages all of them (paper: k_avg), "ema" keeps an exponential
-    moving average with weight `ema_decay` on the past (paper: k_ema)."""
-
-    ema_decay: float = 0.9
-    """Weight of the past in the "ema" k update (ours: the paper does not state its value)."""
-
-    reuse_output: bool = False
-    """Ablation: on a skipped step return the last computed output v_i itself instead of x_t + Δ_i (the
-    naive output cache that the transformation vector improves on; commented out in the authors' code)."""
-
-    forecast: str = "none"
-    """Variant (issue 25, not in the paper): what a skipped step adds to x_t. "none": Δ_i as it is (the
-    paper); "linear": Δ extrapolated to first order from the last two computed steps (TaylorSeer's forecast
-    on the whole-model Δ); "fitted": the same with a gain in [0, 1] measured at run time (easycache.forecast).
-    """
-
-    accumulate: str = "change"
-    """What is held against τ: "change" (the paper) E_t = Σ ε_n, the predicted change of the output since
-    step i; "integral" (variant) S_t = Σ_{m=i+1..t} E_m, the summed error of every output reused since step
-    i, which grows with the age of the cache (each reused output's error feeds the sampler again)."""
-
-    max_skips: int = 0
-    """Variant: at most this many skipped steps in a row (MagCache's K); 0 = no cap (the paper)."""
-
-    branch: str | None = None
-    """The CFG branch whose output drives k and ‖v_i‖ (e.g. "cond", as the authors' even calls); None: the
-    first branch handed to update(). All branches share the one decision per step either way."""
-
-    def __post_init__(self):
-        if self.branch is not None and (not isinstance(self.branch, str) or not self.branch):
-            raise ValueError(f"EasyCacheConfig.branch must be a branch name or None, got {self.branch!r}")
-        if isinstance(self.thresh, bool) or not isinstance(self.thresh, (int, float)) or not self.thresh >= 0:
-            raise ValueError(f"EasyCacheConfig.thresh (τ) must be a number >= 0, got {self.thresh!r}")
-        if math.isinf(self.thresh):
-            raise ValueError(
-                "EasyCacheConfig.thresh (τ) must be finite; use a large number to skip aggressively"
-            )
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"EasyCacheConfig.warmup (R) must be an int >= 0, got {self.warmup!r}")
-        if self.k_update not in K_UPDATES:
-            raise ValueError(f"EasyCacheConfig.k_update must be one of {K_UPDATES}, got {self.k_update!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"EasyCacheConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if self.accumulate not in ACCUMULATE:
-            raise ValueError(
-                f"EasyCacheConfig.accumulate must be one of {ACCUMULATE}, got {self.accumulate!r}"
-            )
-        if isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 0:
-            raise ValueError(f"EasyCacheConfig.max_skips must be an int >= 0, got {self.max_skips!r}")
-        if self.forecast not in FORECASTS:
-            raise ValueError(f"EasyCacheConfig.forecast must be one of {FORECASTS}, got {self.forecast!r}")
-        if self.forecast != "none" and self.reuse_output:
-            raise ValueError(
-                "EasyCacheConfig: forecast extrapolates Δ; it cannot be combined with reuse_output"
-            )
-        for name in ("compute_last", "reuse_output"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"EasyCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
+from .configs import K_UPDATES, EasyCacheConfig  # noqa: F401 (re-exported: the config lives with the others)
 
 
 class EasyCache(StepCache):
@@ -139,6 +59,7 @@ class EasyCache(StepCache):
         self.acc = 0.0  # E_t
         self.integral = 0.0  # S_t (accumulate="integral")
         self.run = 0  # skipped steps in a row (max_skips)
+        self._before_reset = (0.0, 0.0, 0)  # (E, S, run) before the last threshold reset
         self._num_rates = 0  # finite rates folded into k (for "mean")
         self._new_rates: list[Tensor] = []  # rates measured since the last host sync, still on the device
         self._last_v_norm: Tensor | None = None  # ‖v_i‖ of the last computed step (first branch)
@@ -183,6 +104,7 @@ class EasyCache(StepCache):
         if measure < cfg.thresh and not capped:
             self.run += 1
             return False, "reuse"
+        self._before_reset = (self.acc, self.integral, self.run)  # for _follow, should rank 0 have skipped
         self.acc = self.integral = 0.0  # E_t ≥ τ: compute this step and restart the accumulation
         self.run = 0
         return True, "threshold" if not capped or measure >= cfg.thresh else "max_skips"
@@ -202,9 +124,11 @@ class EasyCache(StepCache):
         # Rank 0 computed: E restarts, as after any computed step. Rank 0 skipped: E_t stays accumulated
         # (this rank's E_t, which reached τ here, equals rank 0's but for the last bits).
         if compute:
-            self.acc = 0.0
+            self.acc = self.integral = 0.0
+            self.run = 0
         elif record["acc"] is not None:
-            self.acc = record["acc"]
+            self.acc, self.integral, run = self._before_reset
+            self.run = run + 1
 
     def _fold_rates(self, rates: list[float]) -> bool:
         """Fold newly measured rates into k; True if the newest one is not finite (a zero denominator)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-FORECASTS = ("none", "linear", "fitted")
+from .configs import FORECASTS
 
 
 class DeltaForecast:

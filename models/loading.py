@@ -1,7 +1,8 @@
 """Reading official checkpoint files and loading them strictly; clear errors for missing or broken files.
 
 Finding and checking files (resolve_checkpoint, require_files, check_checkpoint_files, safetensors_header,
-check_shapes) reads no tensor, so the sample scripts run these checks before any model is loaded.
+checkpoint_shapes, check_shapes) reads no tensor, so the sample scripts run these checks before any model is
+loaded.
 """
 
 from __future__ import annotations
@@ -98,6 +99,19 @@ def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     if 8 + n + end > size:
         raise ValueError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
     return out
+
+
+def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a .safetensors file, or of every shard a .safetensors.index.json lists, from the
+    headers alone (no tensor is read): what check_shapes compares a meta-device model against."""
+    if not path.endswith(".index.json"):
+        return {k: shape for k, (_, shape) in safetensors_header(path).items()}
+    with open(path, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted(set(weight_map.values())):
+        shapes.update(checkpoint_shapes(os.path.join(os.path.dirname(path), shard)))
+    return shapes
 
 
 def check_checkpoint_files(folder: str, files: Iterable[str]) -> None:

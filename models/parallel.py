@@ -91,6 +91,18 @@ def default_attn_type(device: torch.device, dtype: torch.dtype) -> str:
     return "torch_flash"
 
 
+def check_parallel_attention(attention: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Refuse, before anything loads, what a sequence-parallel run could not honour: under Ulysses/ring the
+    self-attention runs yunchang's kernel (default_attn_type), so `--attention sage` would only reach the
+    cross-attention; and CUDA without flash-attn needs a half dtype (default_attn_type raises)."""
+    if attention == "sage":
+        raise ValueError(
+            "--attention sage cannot run sequence-parallel self-attention (yunchang runs flash-attn or "
+            "torch's flash kernel there); drop --attention or use auto/flash"
+        )
+    default_attn_type(torch.device(device), dtype)
+
+
 @dataclass
 class SequenceParallel:
     """One sequence-parallel layout over all ranks: how tokens are split, gathered and attended.
