@@ -9,6 +9,10 @@
 Flags keep the names of the official sample_video.py (hyvideo/config.py); the cache flags come from
 easycache.cli. Without --model-base only the needed files are downloaded into checkpoints/HunyuanVideo: the
 DiT from tencent/HunyuanVideo, the text encoders and the VAE from hunyuanvideo-community/HunyuanVideo.
+
+main() runs: parse_args -> check_args -> the files (headers, configs) -> load -> run, as sample_wan.py. Parse
+first, then import the heavy modules: the top of this file imports only configs and the standard library,
+so `--help` and a bad flag answer at once; torch and the models are imported where first needed.
 """
 
 from __future__ import annotations
@@ -17,44 +21,33 @@ import argparse
 import json
 import os
 import random
-from dataclasses import dataclass, fields, replace
-
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from easycache import checks
-from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
-from easycache.compare import Generation, generate_and_report
-from easycache.magcache import MagCacheConfig
+from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache, no_grad, parse_flags
+from easycache.configs import COEFFICIENTS, MagCacheConfig, TeaCacheConfig
 from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
-from easycache.teacache import COEFFICIENTS, TeaCacheConfig
-from easycache.video import to_uint8_frames
-from models.fast import add_speed_args, check_speed_args, compile_blocks
-from models.hunyuan import (
-    CKPT_FILE,
-    HUNYUAN_CONFIGS,
-    HunyuanVideoConfig,
-    flops_per_call,
-    guidance_input,
-    load_hunyuan,
-)
-from models.hunyuan import HUB_REPO as DIT_REPO
-from models.hunyuan_text import HUB_REPO as PARTS_REPO
-from models.hunyuan_text import HunyuanTextEncoders
-from models.hunyuan_vae import HunyuanVAE, latent_shape
-from models.loading import check_checkpoint_files, resolve_checkpoint
-from models.offload import Placement
-from models.parallel import Launch, check_layout, init_distributed, init_sequence_parallel, launch_world_size
-from models.solvers import FlowEuler, hunyuan_sigmas
+from models.flags import add_device_arg, add_speed_args
+
+if TYPE_CHECKING:
+    import torch
+
+    from easycache.compare import Generation
+    from models.hunyuan import HunyuanVideoConfig
+    from models.parallel import Launch
+
+CKPT_FILE = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"  # = models.hunyuan.CKPT_FILE
+DIT_REPO = "tencent/HunyuanVideo"  # = models.hunyuan.HUB_REPO
+PARTS_REPO = "hunyuanvideo-community/HunyuanVideo"  # = models.hunyuan_text.HUB_REPO
 
 # The official NEGATIVE_PROMPT (hyvideo/constants.py); only used with --cfg-scale > 1, as there.
 NEGATIVE_PROMPT = (
     "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, "
     "bad teeth, bad eyes, bad limbs, distortion"
 )
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "fp16", "bf16")  # --precision names (torch_dtype turns one into a torch.dtype)
 # What this script needs of PARTS_REPO (transformers itself checks the LLM's shards against its index).
 _PARTS_FILES = ["text_encoder/config.json", "tokenizer/tokenizer_config.json", "text_encoder_2/config.json",
                 "tokenizer_2/tokenizer_config.json", "vae/config.json",
@@ -66,7 +59,7 @@ class Task:
     """The defaults of the official sample_video.py for the released HYVideo-T/2-cfgdistill."""
 
     ckpt_dir: str  # both Hub repos download here (their paths do not collide): one --model-base
-    dit: HunyuanVideoConfig
+    dit_name: str  # a key of models.hunyuan.HUNYUAN_CONFIGS (looked up when used: models/ imports torch)
     sizes: tuple[tuple[int, int], ...]  # official (H, W); others (multiples of 16) are allowed with a note
     video_length: int = 129
     infer_steps: int = 50
@@ -76,14 +69,20 @@ class Task:
     fps: int = 24
     prompt: str = "A cat walks on the grass, realistic style."  # official example; EasyCache's README too
 
+    @property
+    def dit(self) -> HunyuanVideoConfig:
+        from models.hunyuan import HUNYUAN_CONFIGS
+
+        return HUNYUAN_CONFIGS[self.dit_name]
+
 
 _720P = ((720, 1280), (1280, 720), (1104, 832), (832, 1104), (960, 960))
 _540P = ((544, 960), (960, 544), (624, 832), (832, 624), (720, 720))  # the authors ran EasyCache at 544 960
-TASKS = {"t2v-720p": Task("checkpoints/HunyuanVideo", HUNYUAN_CONFIGS["t2v-720p"], sizes=_720P + _540P)}
+TASKS = {"t2v-720p": Task("checkpoints/HunyuanVideo", "t2v-720p", sizes=_720P + _540P)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, default="t2v-720p", help="the 720p weights serve 540p too")
     p.add_argument("--video-size", type=int, nargs="+", help="H W, or one value for a square (720 1280)")
     p.add_argument("--video-length", type=int, help="frames, 4n+1 (default 129)")
@@ -102,14 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-cpu-offload", action="store_true", help="text encoders, DiT on the CPU when idle")
     p.add_argument("--ulysses-degree", type=int, default=1, help="torchrun: Ulysses degree (splits heads)")
     p.add_argument("--ring-degree", type=int, default=1, help="torchrun: ring-attention degree")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(p)
     p.add_argument("--precision", choices=DTYPES, help="DiT dtype (official bf16; CPU default fp32)")
     p.add_argument("--vae-precision", choices=DTYPES, help="VAE dtype (official fp16; CPU default fp32)")
     p.add_argument("--text-encoder-precision", choices=DTYPES, help="LLM, CLIP (official fp16; CPU fp32)")
     add_cache_args(p, thresh=0.025, warmup=5, defaults=BASELINES)  # the authors' HunyuanVideo setting
     add_speed_args(p)  # --cfg-batch matters only with true CFG (--cfg-scale > 1)
     add_output_args(p)
-    return p.parse_args(argv)
+    return parse_flags(p, argv)  # parse_args, with unknown --METHOD.FIELD named
 
 
 # The baselines' official HunyuanVideo settings: TeaCache4HunyuanVideo (τ 0.15 "2.1x", 0.1 "1.6x"; probe:
@@ -125,7 +124,8 @@ BASELINES = {
 
 
 def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list[str]]:
-    """Fill task defaults and refuse bad input before anything heavy is loaded."""
+    """Fill task defaults and refuse bad input before anything heavy is loaded: first every flag that needs
+    no torch (a bad one answers at once), then those that do (check_model_args imports torch)."""
     task = TASKS[args.task]
     for name in ("video_length", "infer_steps", "flow_shift", "embedded_cfg_scale", "cfg_scale", "prompt"):
         if getattr(args, name) is None:
@@ -158,27 +158,54 @@ def check_args(args: argparse.Namespace) -> tuple[Task, HunyuanVideoConfig, list
         raise FileNotFoundError(f"--dit-weight {args.dit_weight} is not a file (the official {CKPT_FILE})")
     if args.model_base is not None and not os.path.isdir(args.model_base):
         raise FileNotFoundError(f"--model-base {args.model_base} is not a directory")
+    u, r, world = args.ulysses_degree, args.ring_degree, int(os.environ.get("WORLD_SIZE", "1"))
+    if u * r > 1 and world == 1:  # (WORLD_SIZE: torchrun's, as models.parallel.launch_world_size)
+        raise ValueError(
+            "--ulysses-degree/--ring-degree need several processes: launch with torchrun "
+            "--nproc_per_node=N sample_hunyuan.py ... (ulysses x ring degree = N)"
+        )
     prompts = check_run_args(args, args.infer_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
-    cuda = torch.device(args.device).type == "cuda"
-    check_speed_args(args, args.device, DTYPES[args.precision or ("bf16" if cuda else "fp32")])
+    dit = check_model_args(args, task)
     if args.seed is None:
         args.seed = random.randint(0, 1_000_000)
+    return task, dit, prompts
+
+
+def check_model_args(args: argparse.Namespace, task: Task) -> HunyuanVideoConfig:
+    """What needs torch or models/ (imported here, after the flags above): the --device default, the
+    --cfg-batch default, the --attention kernel, the DiT's config and the parallel layout; returns the
+    config."""
+    from models.fast import check_speed_args, default_device
+
+    args.device = args.device or default_device()
+    dtype = torch_dtype(args.precision, args.device, "bf16")
+    if args.ulysses_degree * args.ring_degree > 1:  # the sequence-parallel kernel must exist for this dtype
+        from models.parallel import check_parallel_attention
+
+        check_parallel_attention(args.attention, args.device, dtype)
+    check_speed_args(args, args.device, dtype)
     dit = read_dit_config(args.dit_config) if args.dit_config else task.dit
     check_launch(args, dit)
-    return task, dit, prompts
+    return dit
+
+
+def torch_dtype(name: str | None, device: str, cuda_default: str) -> torch.dtype:
+    """A --*-precision flag as a torch.dtype; unset: `cuda_default` on CUDA (official), fp32 on the CPU."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    name = name or (cuda_default if cuda else "fp32")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def check_launch(args: argparse.Namespace, dit: HunyuanVideoConfig) -> None:
     """The sequence-parallel flags against the torchrun launch, the heads and the video size (the official
     parallel forward splits the latent's patch rows, else its columns, over ulysses x ring ranks)."""
+    from models.parallel import check_layout, launch_world_size
+
     u, r, world = args.ulysses_degree, args.ring_degree, launch_world_size()
     if u * r == 1:
         return
-    if world == 1:
-        raise ValueError(
-            "--ulysses-degree/--ring-degree need several processes: launch with torchrun "
-            "--nproc_per_node=N sample_hunyuan.py ... (ulysses x ring degree = N)"
-        )
     check_layout(u, r, world, dit.heads_num)
     rows, cols = (s // (8 * p) for s, p in zip(args.video_size, dit.patch_size[1:]))  # VAE 8x, patch
     if rows % world and cols % world:
@@ -206,6 +233,10 @@ def video_file(args: argparse.Namespace) -> str | None:
 
 
 def read_dit_config(path: str) -> HunyuanVideoConfig:
+    from dataclasses import fields
+
+    from models.hunyuan import HunyuanVideoConfig
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--dit-config file not found: {path}")
     try:
@@ -235,9 +266,34 @@ def check_parts(model_base: str, dit: HunyuanVideoConfig) -> None:
             raise ValueError(f"{folder}/config.json: {key}={got} does not fit the DiT's {field}={want}")
 
 
+def check_dit_header(dit_weight: str, dit: HunyuanVideoConfig) -> None:
+    """The DiT file's tensor names and shapes against the config, before any weight is read: the pickle is
+    memory-mapped (torch's zip format), so only its small index is read, not the 25.6 GB of tensors."""
+    import zipfile
+
+    import torch
+
+    from models.hunyuan import HunyuanVideoModel
+    from models.loading import check_shapes
+
+    if not zipfile.is_zipfile(dit_weight):
+        return  # a legacy pickle cannot be mapped: its shapes are checked when it loads
+    state = torch.load(dit_weight, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state, dict) and isinstance(state.get("module"), dict):
+        state = state["module"]  # the official DeepSpeed layout (models.hunyuan.load_hunyuan)
+    if not isinstance(state, dict):
+        raise checks.BadFile(f"{dit_weight} holds a {type(state).__name__}, not the DiT's weights")
+    with torch.device("meta"):
+        model = HunyuanVideoModel(dit)
+    shapes = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    check_shapes(model, shapes, source=dit_weight)
+
+
 def resolve_files(args: argparse.Namespace, task: Task) -> tuple[str, str]:
     """(DiT file, folder of the text encoders and VAE); only missing files are downloaded, and every missing
     repository is named in one error."""
+    from models.loading import resolve_checkpoint
+
     base = args.model_base
     dit = dict(files=[CKPT_FILE], patterns=[CKPT_FILE], default_dir=task.ckpt_dir, flag="--model-base")
     patterns = sorted({f"{f.split('/')[0]}/*" for f in _PARTS_FILES})  # only these folders are fetched
@@ -260,11 +316,20 @@ class HunyuanT2V:
         args,
         launch: Launch | None = None,
     ):
+        import torch
+        import torch.distributed as dist
+
+        from models.fast import compile_blocks
+        from models.hunyuan import load_hunyuan
+        from models.hunyuan_text import HunyuanTextEncoders
+        from models.hunyuan_vae import HunyuanVAE
+        from models.parallel import Launch, init_sequence_parallel
+
         self.launch = launch or Launch(0, 1, torch.device(args.device))
         self.args, self.device = args, self.launch.device
-        cuda = self.device.type == "cuda"  # official dtypes on GPUs; fp16 matmuls crawl on CPUs
-        self.dtype = DTYPES[args.precision or ("bf16" if cuda else "fp32")]
-        self.text_dtype = DTYPES[args.text_encoder_precision or ("fp16" if cuda else "fp32")]
+        # official dtypes on GPUs; fp16 matmuls crawl on CPUs
+        self.dtype = torch_dtype(args.precision, self.device, "bf16")
+        self.text_dtype = torch_dtype(args.text_encoder_precision, self.device, "fp16")
         offload = args.use_cpu_offload  # each waits on the CPU and visits the device only to run
         self.text_encoders = HunyuanTextEncoders.from_pretrained(
             model_base, device=self.device, dtype=self.text_dtype, offload=offload
@@ -275,7 +340,7 @@ class HunyuanT2V:
         )
         if args.compile:  # the blocks only: the cache decision below stays eager
             compile_blocks(self.dit)
-        vae_dtype = DTYPES[args.vae_precision or ("fp16" if cuda else "fp32")]
+        vae_dtype = torch_dtype(args.vae_precision, self.device, "fp16")
         self.vae = HunyuanVAE.from_pretrained(f"{model_base}/vae", device=self.device, dtype=vae_dtype)
         self.sp = None  # sequence parallelism: each rank embeds 1/N of the latent's rows, text on every rank
         if args.ulysses_degree * args.ring_degree > 1:
@@ -300,8 +365,18 @@ class HunyuanT2V:
         names = ["cond", "uncond"] if self.args.cfg_scale > 1 else ["cond"]
         return {k: self.text_encoders([prompts[k].strip()]) for k in names}
 
-    @torch.no_grad()
+    @no_grad
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
+        import torch
+        from tqdm import tqdm
+
+        from easycache.compare import Generation
+        from easycache.video import to_uint8_frames
+        from models.hunyuan import flops_per_call, guidance_input
+        from models.hunyuan_vae import latent_shape
+        from models.offload import Placement
+        from models.solvers import FlowEuler, hunyuan_sigmas
+
         args, device, cfg, sp = self.args, self.device, self.dit.config, self.sp
         sw, place = Stopwatch(device), Placement()
         with sw.phase("end_to_end"):
@@ -363,7 +438,7 @@ class HunyuanT2V:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag)
+    args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag); nothing heavy is imported yet
     with checks.refuse_errors(checks.USAGE):  # 2. check the flags: exit 2, nothing loaded
         task, dit_config, prompts = check_args(args)
         out = RunOutputs(
@@ -372,11 +447,16 @@ def main(argv: list[str] | None = None) -> None:
             prompts=prompts, seed=args.seed, label="compare" if args.compare else args.cache,
             video_flag="--save-path",
         )  # fmt: skip
+    from easycache.compare import generate_and_report
+    from models.loading import check_checkpoint_files
+    from models.parallel import init_distributed
+
     with checks.refuse_errors(checks.BAD_FILE):  # 3. check the files: exit 1, nothing loaded
         dit_weight, model_base = resolve_files(args, task)
         check_checkpoint_files(model_base, [f for f in _PARTS_FILES if not f.startswith("tokenizer")])
         check_checkpoint_files(os.path.dirname(dit_weight), [os.path.basename(dit_weight)])
-        check_parts(model_base, dit_config)
+        check_parts(model_base, dit_config)  # (first: its message names the part that does not fit)
+        check_dit_header(dit_weight, dit_config)
     launch = init_distributed(args.device)
     args.seed = launch.broadcast(args.seed)  # a seed drawn at random: rank 0's for all
     with checks.refuse_errors(checks.BAD_FILE):  # 4. load

@@ -11,6 +11,10 @@ Flags keep the official scripts/inference.py names (--num-frames with the 2s/4s/
 from three Hub repos; without --ckpt-path/--vae-path/--t5-path the needed files are downloaded into
 checkpoints/<repo name>/. The DiT's and T5's sizes are read from their config.json; the VAE's architecture is
 fixed (its config.json names classes, not sizes), so tests pass a tiny one to `main(argv, vae_config=...)`.
+
+main() runs: parse_args -> check_args -> the files -> load -> run, as sample_wan.py. Parse first, then import
+the heavy modules: the top of this file imports only configs and the standard library, so `--help` and a bad
+flag answer at once; torch and the models are imported where first needed.
 """
 
 from __future__ import annotations
@@ -18,26 +22,26 @@ from __future__ import annotations
 import argparse
 import os
 import random
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from easycache import checks
-from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
-from easycache.compare import Generation, generate_and_report
-from easycache.magcache import MagCacheConfig
-from easycache.pab import PAB_OPENSORA
+from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache, no_grad, parse_flags
+from easycache.configs import COEFFICIENTS, PAB_OPENSORA, MagCacheConfig, TeaCacheConfig
 from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
-from easycache.teacache import COEFFICIENTS, TeaCacheConfig
-from easycache.video import to_uint8_frames
-from models.loading import check_checkpoint_files, resolve_checkpoint
-from models.opensora import HUB_REPO, STDiT3Config, flops_per_call, load_stdit3
-from models.opensora_text import DEFAULT_AES, T5_REPO_ID, OpenSoraTextEncoder
-from models.opensora_vae import OPENSORA_VAE_V1_2, OpenSoraVAE, OpenSoraVAEConfig
-from models.opensora_vae import REPO_ID as VAE_REPO_ID
-from models.parallel import Launch, init_distributed
-from models.solvers import RFEuler, opensora_timesteps
+from models.flags import add_device_arg, add_speed_args
+
+if TYPE_CHECKING:
+    import torch
+
+    from easycache.compare import Generation
+    from models.opensora_vae import OpenSoraVAEConfig
+    from models.parallel import Launch
+
+HUB_REPO = "hpcai-tech/OpenSora-STDiT-v3"  # = models.opensora.HUB_REPO (tests check these copies)
+VAE_REPO_ID = "hpcai-tech/OpenSora-VAE-v1.2"  # = models.opensora_vae.REPO_ID
+T5_REPO_ID = "DeepFloyd/t5-v1_1-xxl"  # = models.opensora_text.T5_REPO_ID
+DEFAULT_AES = 6.5  # configs/opensora-v1-2/inference/sample.py (= models.opensora_text.DEFAULT_AES)
 
 # Official opensora/datasets/aspect.py: aspect ratios are H:W, and each resolution has a hand-tuned
 # (height, width) per ratio (not a formula: e.g. 240p 9:16 is 240x426, 480p 9:16 is 480x854).
@@ -87,7 +91,7 @@ BASELINES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="a beautiful waterfall", help="the prompt (default: the README's)")
     p.add_argument("--num-frames", default="2s", help="frames (1, or >= 17) or an alias: 2s 4s 8s 16s 32s")
     p.add_argument("--resolution", choices=IMAGE_SIZES, default="240p")
@@ -104,18 +108,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-path", help="local hpcai-tech/OpenSora-VAE-v1.2 (default: checkpoints/...)")
     p.add_argument("--t5-path", help="local DeepFloyd/t5-v1_1-xxl (default: checkpoints/...)")
     p.add_argument("--t5-cpu", action="store_true", help="run the T5 encoder (fp32, 19 GB) on the CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(p)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="DiT/VAE dtype (default bf16 on CUDA)")
     # The paper does not publish its OpenSora τ and R. Chosen by a 30-step flow-Euler sweep on the demo model
     # (README, "Defaults of τ and R"): the setting whose PSNR is closest to that of the Wan default (τ 0.05,
     # R 10 of 50 steps) on the same model; R 6 keeps the Wan warm-up share (10 of 50).
     add_cache_args(p, thresh=0.07, warmup=6, defaults=BASELINES)
+    add_speed_args(p, cfg_batch=False)  # CFG is one batched call already, as the official sampler
     add_output_args(p)
-    return p.parse_args(argv)
+    return parse_flags(p, argv)  # parse_args, with unknown --METHOD.FIELD named
 
 
-def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[str]:
-    """Resolve aliases and tables into args.num_frames / args.image_size; refuse bad input before loading."""
+def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig | None = None) -> list[str]:
+    """Resolve aliases and tables into args.num_frames / args.image_size; refuse bad input before loading
+    (every check but the --device default needs no torch). vae_config: None for the release's VAE."""
     frames = NUM_FRAMES.get(args.num_frames, args.num_frames)
     try:
         args.num_frames = int(frames)
@@ -129,7 +135,8 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[
             "transform counts 5 latent frames per 17 frames)"
         )
     height, width = args.image_size or IMAGE_SIZES[args.resolution][args.aspect_ratio]
-    down = 2 ** (len(vae_config.vae_2d["block_out_channels"]) - 1)  # 8 for the SDXL VAE
+    blocks = len(vae_config.vae_2d["block_out_channels"]) if vae_config else 4  # 4: the release's SDXL VAE
+    down = 2 ** (blocks - 1)  # 8 for the SDXL VAE
     if min(height, width) < down:
         raise ValueError(
             f"--image-size {height} {width}: height and width must be >= {down} (one latent pixel)"
@@ -145,22 +152,46 @@ def check_args(args: argparse.Namespace, vae_config: OpenSoraVAEConfig) -> list[
     if args.sample_name is not None:
         checks.check_file_name(args.sample_name, "--sample-name")  # stays inside --save-dir
     prompts = check_run_args(args, args.num_sampling_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    from models.fast import check_speed_args, default_device  # import torch: only now
+
+    args.device = args.device or default_device()
+    check_speed_args(args, args.device, dit_dtype(args))  # --attention installed and usable here
     if args.seed == -1:
         args.seed = random.randint(0, 2**31 - 1)
     return prompts
 
 
-def check_dit_config(folder: str) -> None:
-    """The DiT's config.json must give an STDiT3Config the model can be built from (read before loading)."""
+def dit_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The DiT and VAE dtype: --dtype, else bf16 on CUDA (official) and fp32 elsewhere."""
+    import torch
+
+    name = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def check_dit_header(folder: str) -> None:
+    """The DiT's config.json must give an STDiT3Config the model can be built from, and model.safetensors
+    the tensor names and shapes of that model: both read from the file headers, before any weight loads."""
+    import torch
+
+    from models.loading import check_shapes, checkpoint_shapes
+    from models.opensora import STDiT3, STDiT3Config
+
     path = os.path.join(folder, "config.json")
     try:
-        STDiT3Config.from_json(path)  # check_checkpoint_files has parsed the JSON already
+        config = STDiT3Config.from_json(path)  # check_checkpoint_files has parsed the JSON already
     except (TypeError, ValueError, AttributeError) as e:
         raise checks.BadFile(f"{path} does not describe an STDiT3: {e}") from None
+    weights = os.path.join(folder, "model.safetensors")
+    with torch.device("meta"):
+        model = STDiT3(config)
+    check_shapes(model, checkpoint_shapes(weights), source=weights)
 
 
 def checkpoint_dir(args: argparse.Namespace, flag: str) -> str:
     """One Hub repo's local folder: the flag's (must be complete) or the default (downloaded if needed)."""
+    from models.loading import resolve_checkpoint
+
     repo, default, files, patterns = CHECKPOINTS[flag]
     return resolve_checkpoint(
         getattr(args, flag),
@@ -182,12 +213,22 @@ class OpenSoraT2V:
         vae_config: OpenSoraVAEConfig,
         launch: Launch | None = None,
     ):
+        import torch
+
+        from models.fast import compile_blocks
+        from models.opensora import load_stdit3
+        from models.opensora_text import OpenSoraTextEncoder
+        from models.opensora_vae import OpenSoraVAE
+        from models.parallel import Launch
+
         self.launch = launch or Launch(0, 1, torch.device(args.device))
         self.args, self.device = args, self.launch.device
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            args.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
-        ]  # official: bf16 DiT and VAE, fp32 T5
-        self.dit = load_stdit3(paths["ckpt_path"], device=self.device, dtype=self.dtype)
+        self.dtype = dit_dtype(args)  # official: bf16 DiT and VAE, fp32 T5
+        self.dit = load_stdit3(
+            paths["ckpt_path"], device=self.device, dtype=self.dtype, attn_backend=args.attention
+        )
+        if args.compile:  # the blocks only: the cache decision in generate() stays eager
+            compile_blocks(self.dit)
         self.vae = OpenSoraVAE.from_checkpoint(
             paths["vae_path"], device=self.device, dtype=self.dtype, config=vae_config
         )
@@ -196,8 +237,16 @@ class OpenSoraT2V:
             model_max_length=self.dit.config.model_max_length,
         )  # fmt: skip
 
-    @torch.no_grad()
+    @no_grad
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
+        import torch
+        from tqdm import tqdm
+
+        from easycache.compare import Generation
+        from easycache.video import to_uint8_frames
+        from models.opensora import flops_per_call
+        from models.solvers import RFEuler, opensora_timesteps
+
         args, device = self.args, self.device
         sw = Stopwatch(device)
         with sw.phase("end_to_end"):
@@ -246,9 +295,10 @@ class OpenSoraT2V:
         )
 
 
-def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig = OPENSORA_VAE_V1_2) -> None:
-    """Args: argv: the flags (None: sys.argv); vae_config: the VAE architecture (tests pass a tiny one)."""
-    args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag)
+def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig | None = None) -> None:
+    """Args: argv: the flags (None: sys.argv); vae_config: the VAE architecture (None: the release's
+    OPENSORA_VAE_V1_2; tests pass a tiny one)."""
+    args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag); nothing heavy is imported yet
     with checks.refuse_errors(checks.USAGE):  # 2. check the flags: exit 2, nothing loaded
         prompts = check_args(args, vae_config)
         size = f"{args.num_frames}x{args.image_size[0]}x{args.image_size[1]}"
@@ -259,11 +309,17 @@ def main(argv: list[str] | None = None, *, vae_config: OpenSoraVAEConfig = OPENS
             seed=args.seed, label="compare" if args.compare else args.cache, folder=args.save_dir,
             video_flag="--save-dir/--sample-name",
         )  # fmt: skip
+    from easycache.compare import generate_and_report
+    from models.loading import check_checkpoint_files
+    from models.opensora_vae import OPENSORA_VAE_V1_2
+    from models.parallel import init_distributed
+
+    vae_config = vae_config or OPENSORA_VAE_V1_2
     with checks.refuse_errors(checks.BAD_FILE):  # 3. check the files: exit 1, nothing loaded
         paths = checks.gather({flag: (lambda f=flag: checkpoint_dir(args, f)) for flag in CHECKPOINTS})
         for flag, (_, _, files, _) in CHECKPOINTS.items():
             check_checkpoint_files(paths[flag], files)
-        check_dit_config(paths["ckpt_path"])
+        check_dit_header(paths["ckpt_path"])
     # Under torchrun: data parallel over the prompts. Each rank generates every N-th prompt alone (its own
     # cache: no DiT call spans ranks, so no decision needs sharing) and writes its videos; rank 0 the report.
     launch = init_distributed(args.device)

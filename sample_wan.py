@@ -16,8 +16,9 @@ files of the task's Hub repo are downloaded into checkpoints/.
 
 main() runs: parse_args -> check_args (every check that needs no model; a refusal is one `error:` line,
 easycache.checks) -> the files (outputs writable, checkpoint headers) -> load -> run. Keep that order when
-adding a flag. (This script imports its models at the top; moving them into WanT2V, so that --help does not
-wait for them, is the next step.)
+adding a flag. Parse first, then import the heavy modules: the top of this file imports only configs and
+the standard library, so `--help` and a bad flag answer at once; torch and the models are imported where
+they are first needed (check_model_args, WanT2V, main's file checks), after the flags are parsed.
 """
 
 from __future__ import annotations
@@ -27,42 +28,38 @@ import dataclasses
 import os
 import random
 from dataclasses import dataclass, field, replace
-
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from easycache import checks
-from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache
-from easycache.compare import Generation, generate_and_report
-from easycache.magcache import MagCacheConfig
+from easycache.cli import add_cache_args, add_output_args, check_run_args, make_cache, no_grad, parse_flags
+from easycache.configs import COEFFICIENTS, MagCacheConfig, TeaCacheConfig
 from easycache.methods import parse_value
 from easycache.published import MAG_RATIOS
 from easycache.report import RunOutputs, Stopwatch, environment, slug
-from easycache.teacache import COEFFICIENTS, TeaCacheConfig
-from easycache.video import to_uint8_frames
-from models.fast import add_speed_args, check_speed_args, compile_blocks
-from models.fsdp import shard_model
-from models.loading import check_checkpoint_files, check_shapes, resolve_checkpoint, safetensors_header
-from models.offload import Placement
-from models.parallel import Launch, check_layout, init_distributed, init_sequence_parallel, launch_world_size
-from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
-from models.wan import WAN_CONFIGS, WanConfig, WanModel, flops_per_call, load_wan
-from models.wan_clip import CLIP_FILE, CLIP_TINY, CLIP_VIT_H_14, ClipVisionConfig, WanClipEncoder
-from models.wan_i2v import encode_condition, load_image, max_area_of
-from models.wan_t5 import UMT5_TINY, UMT5_XXL, WAN_NEGATIVE_PROMPT, WanT5Config, WanTextEncoder, pad_context
-from models.wan_vae import WAN_VAE_CONFIG, WAN_VAE_FILE, WAN_VAE_TINY, WanVAE, WanVAEConfig
+from models.flags import add_device_arg, add_speed_args
+
+if TYPE_CHECKING:
+    import torch
+
+    from easycache.compare import Generation
+    from models.parallel import Launch
+    from models.wan import WanConfig
+    from models.wan_clip import ClipVisionConfig
+    from models.wan_t5 import WanT5Config
+    from models.wan_vae import WanVAEConfig
 
 
 @dataclass(frozen=True)
 class Task:
-    """Everything that differs between the Wan tasks; the defaults of the official generate.py."""
+    """Everything that differs between the Wan tasks; the defaults of the official generate.py. The model
+    configs are named here and looked up in models/ when first used (the `dit`, `t5`, `vae` and `clip`
+    properties below), since models/ imports torch and the flags are parsed before it."""
 
     repo_id: str | None  # Hub repo (None: the checkpoint ships with this repository)
     ckpt_dir: str  # where it lives or is downloaded to
-    dit: WanConfig | None  # None: read the checkpoint's config.json
-    t5: WanT5Config
-    vae: WanVAEConfig
+    dit_name: str | None  # a key of models.wan.WAN_CONFIGS; None: read the checkpoint's config.json
+    t5_name: str  # "umt5-xxl" or "tiny" (models.wan_t5)
+    vae_name: str  # "wan" or "tiny" (models.wan_vae)
     sizes: tuple[str, ...]  # the official sizes "W*H"; others (multiples of 16) are allowed with a note
     frame_num: int = 81
     sample_steps: int = 50
@@ -70,7 +67,8 @@ class Task:
     sample_guide_scale: float = 5.0
     fps: int = 16
     text_len: int = 512
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    negative: str | None = None  # the negative prompt; None: the official one (see negative_prompt) ...
+    negative_prefix: str = ""  # ... after this prefix (the official i2v config adds one)
     prompt: str = (  # the official example prompt of t2v tasks
         "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted "
         "stage."
@@ -80,11 +78,50 @@ class Task:
     teacache: TeaCacheConfig = TeaCacheConfig()
     magcache: MagCacheConfig = field(default_factory=MagCacheConfig)
     calibration: str | None = None  # a JSON of easycache.calibrate: its coefficients and ratios as defaults
-    clip: ClipVisionConfig | None = None  # image-to-video: the CLIP image tower (None: text-to-video)
+    clip_name: str | None = None  # image-to-video: the CLIP tower, "vit-h-14" or "tiny" (models.wan_clip)
     sample_shift_480p: float | None = None  # official i2v: shift 3.0 at 832*480 / 480*832 (5.0 otherwise)
 
+    @property
+    def i2v(self) -> bool:
+        return self.clip_name is not None
 
-_WAN_FILES = ["models_t5_umt5-xxl-enc-bf16.pth", WAN_VAE_FILE, "google/umt5-xxl/tokenizer_config.json"]
+    @property
+    def dit(self) -> WanConfig | None:
+        from models.wan import WAN_CONFIGS
+
+        return WAN_CONFIGS[self.dit_name] if self.dit_name else None
+
+    @property
+    def t5(self) -> WanT5Config:
+        from models.wan_t5 import UMT5_TINY, UMT5_XXL
+
+        return {"umt5-xxl": UMT5_XXL, "tiny": UMT5_TINY}[self.t5_name]
+
+    @property
+    def vae(self) -> WanVAEConfig:
+        from models.wan_vae import WAN_VAE_CONFIG, WAN_VAE_TINY
+
+        return {"wan": WAN_VAE_CONFIG, "tiny": WAN_VAE_TINY}[self.vae_name]
+
+    @property
+    def clip(self) -> ClipVisionConfig | None:
+        from models.wan_clip import CLIP_TINY, CLIP_VIT_H_14
+
+        return {"vit-h-14": CLIP_VIT_H_14, "tiny": CLIP_TINY, None: None}[self.clip_name]
+
+    @property
+    def negative_prompt(self) -> str:
+        """The default negative prompt: the task's own, else the official sample_neg_prompt (models.wan_t5,
+        imported only when needed) after the prefix."""
+        if self.negative is not None:
+            return self.negative
+        from models.wan_t5 import WAN_NEGATIVE_PROMPT
+
+        return self.negative_prefix + WAN_NEGATIVE_PROMPT
+
+
+_WAN_FILES = ["models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth", "google/umt5-xxl/tokenizer_config.json"]
+_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"  # = models.wan_clip.CLIP_FILE
 _I2V_PROMPT = (  # the official example prompt of i2v-14B (for its examples/i2v_input.JPG)
     "Summer beach vacation style, a white cat wearing sunglasses sits on a surfboard. The fluffy-furred "
     "feline gazes directly at the camera with a relaxed expression. Blurred beach scenery forms the "
@@ -94,45 +131,48 @@ _I2V_PROMPT = (  # the official example prompt of i2v-14B (for its examples/i2v_
 )
 TASKS = {
     "t2v-1.3B": Task(
-        "Wan-AI/Wan2.1-T2V-1.3B", "checkpoints/Wan2.1-T2V-1.3B", WAN_CONFIGS["t2v-1.3B"], UMT5_XXL,
-        WAN_VAE_CONFIG, sizes=("832*480", "480*832"),
+        "Wan-AI/Wan2.1-T2V-1.3B", "checkpoints/Wan2.1-T2V-1.3B", "t2v-1.3B", "umt5-xxl", "wan",
+        sizes=("832*480", "480*832"),
     ),
     "t2v-14B": Task(
-        "Wan-AI/Wan2.1-T2V-14B", "checkpoints/Wan2.1-T2V-14B", WAN_CONFIGS["t2v-14B"], UMT5_XXL,
-        WAN_VAE_CONFIG, sizes=("1280*720", "720*1280", "832*480", "480*832"),
+        "Wan-AI/Wan2.1-T2V-14B", "checkpoints/Wan2.1-T2V-14B", "t2v-14B", "umt5-xxl", "wan",
+        sizes=("1280*720", "720*1280", "832*480", "480*832"),
         weights="diffusion_pytorch_model.safetensors.index.json",
         teacache=TeaCacheConfig(rel_l1_thresh=0.2, coefficients=COEFFICIENTS["wan-t2v-14B"]),
         magcache=MagCacheConfig(mag_ratios=MAG_RATIOS["wan-t2v-14B"]),
     ),
     # The embedded demo model (train_wan_tiny.py): same classes and file layout, toy sizes, runs on a CPU.
     "tiny": Task(
-        None, "checkpoints/wan-tiny", None, UMT5_TINY, WAN_VAE_TINY, sizes=("64*64",), frame_num=17,
-        sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
+        None, "checkpoints/wan-tiny", None, "tiny", "tiny", sizes=("64*64",), frame_num=17,
+        sample_shift=3.0, fps=8, text_len=16, negative="",
         prompt="a red circle moving right on a blue background",
         teacache=TeaCacheConfig(rel_l1_thresh=0.05), calibration="checkpoints/wan-tiny/calibration.json",
     ),
     # Image-to-video (official image2video.py): the 720P weights by default, the 480P ones at 480p sizes
     # (I2V_480P); --size is the pixel budget, the video keeps the image's aspect ratio.
     "i2v-14B": Task(
-        "Wan-AI/Wan2.1-I2V-14B-720P", "checkpoints/Wan2.1-I2V-14B-720P", WAN_CONFIGS["i2v-14B-720P"],
-        UMT5_XXL, WAN_VAE_CONFIG, sizes=("1280*720", "720*1280", "832*480", "480*832"), sample_steps=40,
-        negative_prompt="镜头晃动，" + WAN_NEGATIVE_PROMPT, prompt=_I2V_PROMPT,
-        weights="diffusion_pytorch_model.safetensors.index.json", clip=CLIP_VIT_H_14, sample_shift_480p=3.0,
+        "Wan-AI/Wan2.1-I2V-14B-720P", "checkpoints/Wan2.1-I2V-14B-720P", "i2v-14B-720P", "umt5-xxl", "wan",
+        sizes=("1280*720", "720*1280", "832*480", "480*832"), sample_steps=40, negative_prefix="镜头晃动，",
+        prompt=_I2V_PROMPT, weights="diffusion_pytorch_model.safetensors.index.json", clip_name="vit-h-14",
+        sample_shift_480p=3.0,
     ),
     # The I2V demo model (train_wan_tiny_i2v.py): the tiny T2V model fine-tuned on first frames.
     "i2v-tiny": Task(
-        None, "checkpoints/wan-i2v-tiny", None, UMT5_TINY, WAN_VAE_TINY, sizes=("64*64",), frame_num=17,
-        sample_shift=3.0, fps=8, text_len=16, negative_prompt="",
-        prompt="a green square moving up on a black background", clip=CLIP_TINY,
+        None, "checkpoints/wan-i2v-tiny", None, "tiny", "tiny", sizes=("64*64",), frame_num=17,
+        sample_shift=3.0, fps=8, text_len=16, negative="",
+        prompt="a green square moving up on a black background", clip_name="tiny",
     ),
 }  # fmt: skip
 I2V_480P = dataclasses.replace(
-    TASKS["i2v-14B"], repo_id="Wan-AI/Wan2.1-I2V-14B-480P", ckpt_dir="checkpoints/Wan2.1-I2V-14B-480P"
+    TASKS["i2v-14B"],
+    repo_id="Wan-AI/Wan2.1-I2V-14B-480P",
+    ckpt_dir="checkpoints/Wan2.1-I2V-14B-480P",
+    dit_name="i2v-14B-480P",
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, default="t2v-1.3B")
     p.add_argument("--size", help="W*H, e.g. 832*480 (default: the task's first official size)")
     p.add_argument("--frame_num", type=int, help="frames, 4n+1 (default 81; tiny 17)")
@@ -154,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="umT5 waits on the CPU except while it encodes; the DiT moves to the CPU while the VAE decodes",
     )
     p.add_argument("--t5_cpu", action="store_true", help="keep the umT5 encoder on the CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(p)
     p.add_argument(
         "--dtype", choices=["bf16", "fp16", "fp32"], help="DiT dtype (default bf16 on CUDA, else fp32)"
     )
@@ -166,27 +206,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_cache_args(p, thresh=0.05, warmup=10)  # the paper's Wan2.1 setting
     add_speed_args(p)
     add_output_args(p)
-    return p.parse_args(argv)
+    return parse_flags(p, argv)  # parse_args, with unknown --METHOD.FIELD named
 
 
 def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[str]]:
-    """Fill task defaults and refuse bad input before anything heavy is loaded."""
+    """Fill task defaults and refuse bad input before anything heavy is loaded: first every flag that needs
+    no torch (a bad one answers at once), then those of the device (check_device_args imports torch)."""
     task = TASKS[args.task]
-    if task.clip is not None:
-        check_image_args(args, task)
+    if task.i2v:
+        check_image_args(args)
         if args.size in ("832*480", "480*832") and task.sample_shift_480p is not None:
             task = I2V_480P  # the official 480P checkpoint and shift 3.0, as generate.py
             args.sample_shift = task.sample_shift_480p if args.sample_shift is None else args.sample_shift
     elif args.image is not None:
-        raise ValueError(f"--image is for the image-to-video tasks (i2v-14B, i2v-tiny), not {args.task}")
-    for name in (
-        "frame_num",
-        "sample_steps",
-        "sample_shift",
-        "sample_guide_scale",
-        "prompt",
-        "negative_prompt",
-    ):
+        raise ValueError(
+            f"--image is for the image-to-video tasks (i2v-14B, i2v-tiny), not {args.task}: drop --image or "
+            "pick an i2v task"
+        )
+    for name in ("frame_num", "sample_steps", "sample_shift", "sample_guide_scale", "prompt"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(task, name))
     args.size = args.size or task.sizes[0]
@@ -219,50 +256,84 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         raise ValueError(f"--sample_shift must be > 0 (the σ schedule's shift), got {args.sample_shift}")
     if args.base_seed != -1:
         checks.check_seed(args.base_seed, "--base_seed", count=args.num_seeds)
-    prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
-    check_speed_args(args, args.device, dit_dtype(args))  # --cfg_batch default, --attention installed
     check_launch(args)
+    prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
+    check_model_args(args, task)
     if args.base_seed == -1:
         args.base_seed = random.randint(0, 2**31 - 1)
     return task, (width, height), prompts
 
 
-def check_image_args(args: argparse.Namespace, task: Task) -> None:
+def check_image_args(args: argparse.Namespace) -> None:
     """An i2v task needs a readable --image; checked (opened and decoded) before any model loads."""
     if args.image is None:
         raise ValueError(f"--task {args.task} animates an image: pass --image FILE (png, jpg, ...)")
+    if os.path.isdir(args.image):
+        raise IsADirectoryError(f"--image {args.image} is a folder, not an image file")
     if not os.path.isfile(args.image):
         raise FileNotFoundError(f"--image {args.image}: no such file")
+    from PIL import Image  # (light: no torch) decode the whole file, so a truncated one fails here
+
     try:
-        image = load_image(args.image)
+        with Image.open(args.image) as im:
+            im.convert("RGB")
+            size = im.size
     except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
-        raise ValueError(f"--image {args.image} is not a readable image ({type(e).__name__}: {e})") from None
-    if min(image.shape[1:]) < 1:
-        raise ValueError(f"--image {args.image} is empty")
-
-
-def dit_dtype(args: argparse.Namespace) -> torch.dtype:
-    name = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+        raise checks.BadFile(
+            f"--image {args.image} is not a readable image ({type(e).__name__}: {e})"
+        ) from None
+    if min(size) < 1:
+        raise checks.BadFile(f"--image {args.image} is empty")
 
 
 def check_launch(args: argparse.Namespace, num_heads: int | None = None) -> None:
-    """The multi-GPU flags against the torchrun launch (as the official generate.py), and, once the DiT's
-    config is known, the Ulysses head split."""
-    world = launch_world_size()
+    """The multi-GPU flags against the launch (torchrun's WORLD_SIZE, as the official generate.py), and,
+    once the DiT's config is known, the Ulysses head split (models.parallel.check_layout)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # = models.parallel.launch_world_size(), without torch
     parallel = args.ulysses_size > 1 or args.ring_size > 1
     if world == 1 and (parallel or args.dit_fsdp or args.t5_fsdp):
         raise ValueError(
             "--ulysses_size/--ring_size/--dit_fsdp/--t5_fsdp need several processes: launch with "
             "torchrun --nproc_per_node=N sample_wan.py ... (ulysses_size x ring_size = N)"
         )
-    if parallel or num_heads is not None:  # heads unknown yet: check the world size only
-        heads = num_heads or max(args.ulysses_size, 1)
-        check_layout(args.ulysses_size, args.ring_size, world if parallel else 1, heads)
+    if num_heads is None:  # the DiT's heads are not known yet: the world size only
+        if parallel and args.ulysses_size * args.ring_size != world:
+            pairs = ", ".join(f"{u}x{world // u}" for u in range(1, world + 1) if world % u == 0)
+            raise ValueError(
+                f"--ulysses_size {args.ulysses_size} x --ring_size {args.ring_size} must equal the world "
+                f"size {world} (torchrun --nproc_per_node); ulysses x ring layouts for {world} ranks: "
+                f"{pairs} (ulysses must also divide the DiT's heads)"
+            )
+    else:
+        from models.parallel import check_layout
+
+        check_layout(args.ulysses_size, args.ring_size, world if parallel else 1, num_heads)
     if args.t5_fsdp and args.t5_cpu:
         raise ValueError("--t5_fsdp shards the umT5 encoder over the GPUs; drop --t5_cpu (or --t5_fsdp)")
     if args.dit_fsdp and args.offload_model:
         raise ValueError("--offload_model moves the whole DiT; with --dit_fsdp each rank holds 1/N of it")
+
+
+def check_model_args(args: argparse.Namespace, task: Task) -> None:
+    """What needs torch or models/ (imported here, after the flags above): the --device default, the official
+    negative prompt, the --cfg_batch default and the --attention kernel installed."""
+    from models.fast import check_speed_args, default_device
+
+    args.device = args.device or default_device()
+    if args.negative_prompt is None:
+        args.negative_prompt = task.negative_prompt
+    if args.ulysses_size * args.ring_size > 1:  # the sequence-parallel kernel must exist for this dtype
+        from models.parallel import check_parallel_attention
+
+        check_parallel_attention(args.attention, args.device, dit_dtype(args))
+    check_speed_args(args, args.device, dit_dtype(args))
+
+
+def dit_dtype(args: argparse.Namespace) -> torch.dtype:
+    import torch
+
+    name = args.dtype or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 class WanT2V:
@@ -270,6 +341,18 @@ class WanT2V:
     task has a CLIP tower)."""
 
     def __init__(self, task: Task, ckpt_dir: str, args: argparse.Namespace, launch: Launch | None = None):
+        import torch
+        import torch.distributed as dist
+
+        from models.fast import compile_blocks
+        from models.fsdp import shard_model
+        from models.parallel import Launch, init_sequence_parallel
+        from models.wan import load_wan
+        from models.wan_clip import CLIP_FILE, WanClipEncoder
+        from models.wan_i2v import load_image
+        from models.wan_t5 import UMT5_XXL, WanTextEncoder
+        from models.wan_vae import WAN_VAE_FILE, WanVAE
+
         self.launch = launch or Launch(0, 1, torch.device(args.device))
         self.task, self.args, self.device = task, args, self.launch.device
         dtype = dit_dtype(args)
@@ -280,13 +363,11 @@ class WanT2V:
         )
         if args.t5_fsdp:
             shard_model(self.text_encoder.model, self.text_encoder.model.encoder.block)
-        # FSDP: load on the CPU; fully_shard moves each rank's 1/N to the device (as the official FSDP1 path).
+        # --dit_fsdp: sharded while loading (FSDP2): each rank reads only its 1/N of every weight.
         self.dit = load_wan(
-            ckpt_dir, config=task.dit, device="cpu" if args.dit_fsdp else self.device, dtype=dtype,
-            repo_id=task.repo_id, attn_backend=args.attention,
+            ckpt_dir, config=task.dit, device=self.device, dtype=dtype, repo_id=task.repo_id,
+            attn_backend=args.attention, fsdp=args.dit_fsdp,
         )  # fmt: skip
-        if args.dit_fsdp:
-            shard_model(self.dit, self.dit.blocks)
         self.sp = None  # sequence parallelism: every rank runs each DiT call on 1/N of the tokens
         if args.ulysses_size * args.ring_size > 1:
             self.sp = init_sequence_parallel(
@@ -323,8 +404,19 @@ class WanT2V:
         """The DiT's patch grid (f, h, w) for latents of `shape` [B, C, F, H, W]."""
         return tuple(s // p for s, p in zip(shape[2:], self.dit.config.patch_size))
 
-    @torch.no_grad()
+    @no_grad
     def generate(self, prompt: str, seed: int, cache_cfg, *, num_steps: int | None = None) -> Generation:
+        import torch
+        from tqdm import tqdm
+
+        from easycache.compare import Generation
+        from easycache.video import to_uint8_frames
+        from models.offload import Placement
+        from models.solvers import FlowEuler, FlowUniPC, wan_sigmas
+        from models.wan import flops_per_call
+        from models.wan_i2v import encode_condition, max_area_of
+        from models.wan_t5 import pad_context
+
         args, device, sp = self.args, self.device, self.sp
         sw, place = Stopwatch(device), Placement()
         t5_visits = args.offload_model and not args.t5_cpu  # official: umT5 goes to the device only to encode
@@ -397,23 +489,28 @@ class WanT2V:
         )
 
 
-def check_dit_header(ckpt_dir: str, task: Task) -> None:
-    """The DiT's config.json and tensor shapes, read from the file headers before any weight is loaded."""
+def check_dit_header(ckpt_dir: str, task: Task) -> WanConfig:
+    """The DiT's config.json, and its tensors' names and shapes (one file or every shard), read from the file
+    headers before any weight is loaded; returns the config."""
+    import torch
+
+    from models.loading import check_shapes, checkpoint_shapes
+    from models.wan import WanConfig, WanModel
+
     path = os.path.join(ckpt_dir, "config.json")
     try:
         config = task.dit or WanConfig.from_json(path)
     except (TypeError, ValueError, AttributeError) as e:
         raise checks.BadFile(f"{path} does not describe a Wan DiT: {e}") from None
     weights = os.path.join(ckpt_dir, task.weights)
-    if weights.endswith(".index.json"):
-        return  # shards: their headers are checked by check_checkpoint_files, their shapes when loading
     with torch.device("meta"):
         model = WanModel(config)
-    check_shapes(model, {k: s for k, (_, s) in safetensors_header(weights).items()}, source=weights)
+    check_shapes(model, checkpoint_shapes(weights), source=weights)
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag)
+    args = parse_args(argv)  # 1. parse (argparse exits 2 on a bad flag); nothing heavy is imported yet
     with checks.refuse_errors(checks.USAGE):  # 2. check the flags: exit 2, nothing loaded
         task, _, prompts = check_args(args)
         out = RunOutputs(
@@ -421,17 +518,20 @@ def main(argv: list[str] | None = None) -> None:
             name=lambda label, prompt, seed: f"wan_{args.task}_{label}_{slug(prompt)}_{seed}",
             prompts=prompts, seed=args.base_seed, label="compare" if args.compare else args.cache,
         )  # fmt: skip
+    from easycache.compare import generate_and_report
+    from models.loading import check_checkpoint_files, resolve_checkpoint
+    from models.parallel import init_distributed
+
     with checks.refuse_errors(checks.BAD_FILE):  # 3. check the files: exit 1, nothing loaded
-        files = [task.weights, *_WAN_FILES, *(["config.json"] if task.dit is None else [])]
+        files = [task.weights, *_WAN_FILES, *(["config.json"] if task.dit_name is None else [])]
         patterns = ["config.json", "diffusion_pytorch_model*", *_WAN_FILES[:2], "google/umt5-xxl/*"]
-        if task.clip is not None:  # i2v: the CLIP file too (its xlm-roberta tokenizer is not needed)
-            files, patterns = [*files, CLIP_FILE], [*patterns, CLIP_FILE]
+        if task.i2v:  # the CLIP file too (its xlm-roberta tokenizer is not needed)
+            files, patterns = [*files, _CLIP_FILE], [*patterns, _CLIP_FILE]
         ckpt_dir = resolve_checkpoint(
             args.ckpt_dir, repo_id=task.repo_id, files=files, patterns=patterns, default_dir=task.ckpt_dir
         )
         check_checkpoint_files(ckpt_dir, files)  # headers: truncated, garbled, refused pickles
-        check_dit_header(ckpt_dir, task)
-        dit = task.dit or WanConfig.from_json(os.path.join(ckpt_dir, "config.json"))
+        dit = check_dit_header(ckpt_dir, task)
     with checks.refuse_errors(checks.USAGE):  # the parallel layout must fit the DiT's heads
         check_launch(args, dit.num_heads)
     launch = init_distributed(args.device)

@@ -13,6 +13,7 @@ import math
 
 from models.embeddings import FREQ_DIM
 from models.hunyuan import TOKEN_REFINER_DEPTH, TOKEN_REFINER_MLP_RATIO, HunyuanVideoConfig
+from models.opensora import STDiT3Config
 from models.wan import CLIP_DIM, WanConfig
 
 CLIP_TOKENS = 257  # Wan i2v: open-clip ViT-H/14 tokens
@@ -79,3 +80,34 @@ def hunyuan_forward_flops(
         * (2 * d * 3 * d + 2 * s * d * (3 * d + m) + 4 * s * s * d + 2 * s * (d + m) * d),
     }
     return {k: v * batch for k, v in flops.items()}
+
+
+def opensora_forward_flops(
+    cfg: STDiT3Config, latent: tuple[int, int, int], batch: int = 2, cond_entries: int = 1
+) -> dict[str, int]:
+    """FLOPs of STDiT3.forward for a latent (T, H, W) (odd sizes padded to the patch, as the model does) with
+    the full model_max_length text tokens, `batch` samples ([cond; uncond]: 2) and `cond_entries` fps values
+    (the sample script passes one for the pair; the DiT embeds it once and repeats it)."""
+    d, lt, dm = cfg.hidden_size, cfg.model_max_length, int(cfg.hidden_size * cfg.mlp_ratio)
+    t, h, w = (-(-s // p) for s, p in zip(latent, cfg.patch_size))
+    s, patch = h * w, math.prod(cfg.patch_size)
+    n = t * s
+    per_block = (  # either kind: self-attention projections, cross-attention, MLP
+        2 * n * d * 3 * d + 2 * n * d * d  # qkv, proj
+        + 2 * n * d * d + 2 * lt * d * 2 * d + 2 * n * d * d + 4 * n * lt * d  # q, kv, proj, attention
+        + 2 * 2 * n * d * dm  # fc1, fc2
+    )  # fmt: skip
+    timestep = 2 * (FREQ_DIM * d + d * d)  # TimestepEmbedder
+    flops = {
+        "spatial blocks": cfg.depth * (per_block + 4 * t * s * s * d) * batch,  # attention within a frame
+        "temporal blocks": cfg.depth * (per_block + 4 * s * t * t * d) * batch,  # across frames
+        "embeddings+head": batch
+        * (
+            timestep + 2 * d * 6 * d  # t_embedder, t_block
+            + 2 * lt * (cfg.caption_channels * d + d * d)  # y_embedder
+            + 2 * n * cfg.in_channels * patch * d  # x_embedder
+            + 2 * n * d * patch * cfg.out_channels  # final layer
+        )
+        + cond_entries * timestep,  # fps_embedder
+    }  # fmt: skip
+    return flops

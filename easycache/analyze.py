@@ -3,20 +3,15 @@ and the statistics `python -m easycache.calibrate` fits TeaCache's polynomial an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .cache import EasyCache, EasyCacheConfig
+from .cache import EasyCache
+from .configs import AnalyzeConfig
 from .hooks import rel_l1
-
-
-@dataclass(frozen=True)
-class AnalyzeConfig(EasyCacheConfig):
-    """`--cache analyze`: EasyCache at τ = 0, R = 0 (every step computed), also recording calibration data."""
-
-    thresh: float = 0.0
-    warmup: int = 0
 
 
 class _RecordingHook:
@@ -24,11 +19,16 @@ class _RecordingHook:
 
     def __init__(self, owner: Analyze, branch: str):
         self.owner, self.branch = owner, branch
+        self.split: frozenset[str] = frozenset()
 
-    def compute_blocks(self, x: Tensor, probes: dict[str, Tensor]) -> bool:
+    def compute_blocks(self, x: Tensor, probes: dict[str, Tensor], split: Iterable[str] = ()) -> bool:
+        # `split` (sequence parallelism): what holds only this rank's tokens; see easycache.hooks.BlockHook.
+        self.split = frozenset(split)
         prev = self.owner._prev_probes.get(self.branch, {})
         self.owner._calib(self.branch)["probe_rel_l1"] = {
-            k: rel_l1(p, prev[k]) for k, p in probes.items() if k in prev
+            k: rel_l1(p, prev[k], self.owner.split_group(k in self.split))
+            for k, p in probes.items()
+            if k in prev
         }
         self.owner._prev_probes[self.branch] = {k: p.detach().clone() for k, p in probes.items()}
         return True
@@ -40,8 +40,16 @@ class _RecordingHook:
         r = (x_out - x_in).float()  # [B, L, D]
         prev = self.owner._prev_residual.get(self.branch)
         if prev is not None and prev.shape == r.shape:
-            # official: (residual.norm(dim=-1) / previous.norm(dim=-1)).mean()
-            self.owner._calib(self.branch)["mag_ratio"] = (r.norm(dim=-1) / prev.norm(dim=-1)).mean().item()
+            # official: (residual.norm(dim=-1) / previous.norm(dim=-1)).mean(), over every token
+            ratios = r.norm(dim=-1) / prev.norm(dim=-1)  # [B, L] (L: this rank's tokens when split)
+            group = self.owner.split_group("x" in self.split)
+            if group is None:
+                mag = ratios.mean().item()
+            else:  # the mean over all ranks' tokens: sum and count reduced, identical on every rank
+                sums = torch.stack([ratios.sum(), ratios.new_tensor(ratios.numel())])
+                dist.all_reduce(sums, group=group)
+                mag = (sums[0] / sums[1]).item()
+            self.owner._calib(self.branch)["mag_ratio"] = mag
         self.owner._prev_residual[self.branch] = r
 
     def attention(self, layer: int) -> None:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .forecast import DeltaForecast
+
 Branches = Tensor | dict[str, Tensor]
 
 _SINGLE = "v"  # internal branch name when the caller passes a plain tensor
@@ -32,6 +34,7 @@ class StepCache:
         num_steps: int,
         *,
         reuse_output: bool = False,
+        forecast: str = "none",
         branch: str | None = None,
         group: dist.ProcessGroup | None = None,
         decision_group: dist.ProcessGroup | None = None,
@@ -43,6 +46,8 @@ class StepCache:
             raise ValueError(f"first_step must be an int in [0, {num_steps}), got {first_step!r}")
         self.num_steps = num_steps
         self.reuse_output = reuse_output
+        # Δ on skipped steps: reused as it is ("none", the paper) or forecast (easycache.forecast, issue 25)
+        self._forecast = DeltaForecast(forecast) if forecast != "none" else None
         self.branch = branch  # the branch whose output the statistics read (None: the first one)
         # With a process group, every norm is reduced over all ranks, so ranks that hold different samples
         # of one batch still take the same decision (as if the whole batch were on one device).
@@ -111,6 +116,7 @@ class StepCache:
             if record["compute"] != mine:  # never expected; recorded so that a trace shows it
                 record["reason"] = "rank0_compute" if record["compute"] else "rank0_reuse"
                 record["note"] = f"this rank decided {'compute' if mine else 'skip'}; rank 0's decision taken"
+                self._follow(record["compute"], record)
         self._records.append(record)
         self._prev_x = x.detach().clone()
         self._step, self._pending = step, record["compute"]
@@ -131,6 +137,10 @@ class StepCache:
             raise ValueError(f"the statistics read branch {self.branch!r}, but update() got {list(branches)}")
         self._observe(x, branches[self.branch if self.branch is not None else self._names[0]])
         self._delta = {name: b - x for name, b in branches.items()}  # Δ_t = v_t − x_t
+        if self._forecast is not None:
+            self._forecast.push(
+                self._step, self._delta, self.branch if self.branch is not None else self._names[0]
+            )
         self._last_x = x.detach().clone()
         self._records[-1]["dit_seconds"] = dit_seconds
         self._pending = None
@@ -146,7 +156,8 @@ class StepCache:
             raise RuntimeError("reuse() before any update(): no transformation vector is cached yet")
         # `reuse_output` is the naive cache the paper improves on: hand back v_i itself (x_i + Δ_i).
         base = self._last_x if self.reuse_output else x
-        out = {name: base + d for name, d in self._delta.items()}
+        delta = self._delta if self._forecast is None else self._forecast.at(self._step)
+        out = {name: base + d for name, d in delta.items()}
         self._pending = None
         return out if self._is_dict else out[_SINGLE]
 
@@ -164,9 +175,26 @@ class StepCache:
     def _observe(self, x: Tensor, v: Tensor) -> None:
         """Called on every computed step with the first branch, before Δ and last_x are replaced."""
 
+    def _follow(self, compute: bool, record: dict) -> None:
+        """This rank decided otherwise and takes rank 0's decision `compute`: bring the decision state (e.g.
+        an accumulator that a computed step resets) in line with it."""
+
     # ----------------------------------------------------------------------------------------------
     # Trace and statistics
     # ----------------------------------------------------------------------------------------------
+    def split_group(self, split: bool) -> dist.ProcessGroup | None:
+        """The group to reduce a statistic over when its tensor holds only this rank's part of the tokens
+        (`split`, sequence parallelism): the decision group, the ranks that share every DiT call. None when
+        the tensor is whole on every rank."""
+        if not split:
+            return None
+        if self.decision_group is None:
+            raise RuntimeError(
+                f"{type(self).__name__} got tensors split over ranks (sequence parallelism) without a "
+                "decision_group to reduce their statistics over"
+            )
+        return self.decision_group
+
     def mean_abs(self, t: Tensor) -> Tensor:
         """‖t‖ as the authors define it: mean |t| over every element of the whole batch (0-dim fp32)."""
         if self.group is None:
@@ -248,7 +276,8 @@ class StepCache:
 
 def broadcast_decision(compute: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
     """The decision of `group`'s first rank, on every rank of it (one small broadcast per step; the tensor
-    lives on `device` so that NCCL can carry it)."""
+    lives on `device` so that NCCL can carry it, on the CPU for gloo)."""
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
     flag = torch.tensor([int(compute)], dtype=torch.int32, device=device)
     dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
     return bool(flag.item())

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch.distributed as dist
 from torch import Tensor
 
 from .base import StepCache
-
-
-@dataclass(frozen=True)
-class StaticCacheConfig:
-    """A fixed schedule: compute every `interval`-th step after a warm-up (the paper's Fig. 1b)."""
-
-    interval: int = 2
-    """n: after the warm-up, compute steps R, R+n, R+2n, ... and reuse Δ in between (n = 1 never skips)."""
-
-    warmup: int = 10
-    """R: the first R sampling steps are always computed (same meaning as EasyCacheConfig.warmup)."""
-
-    compute_last: bool = True
-    """Always compute the last step."""
-
-    def __post_init__(self):
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"StaticCacheConfig.interval must be an int >= 1, got {self.interval!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"StaticCacheConfig.warmup (R) must be an int >= 0, got {self.warmup!r}")
-        if not isinstance(self.compute_last, bool):
-            raise ValueError(f"StaticCacheConfig.compute_last must be a bool, got {self.compute_last!r}")
+from .configs import StaticCacheConfig
 
 
 class StaticCache(StepCache):
@@ -47,7 +26,7 @@ class StaticCache(StepCache):
     ):
         if not isinstance(config, StaticCacheConfig):
             raise TypeError(f"config must be a StaticCacheConfig, got {type(config).__name__}")
-        super().__init__(num_steps, group=group, decision_group=decision_group)
+        super().__init__(num_steps, forecast=config.forecast, group=group, decision_group=decision_group)
         if config.warmup >= num_steps:
             raise ValueError(
                 f"StaticCacheConfig.warmup (R={config.warmup}) must be smaller than the {num_steps} "

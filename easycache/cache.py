@@ -20,66 +20,14 @@ of a batch and take `.abs().mean()`), so one decision covers the batch and every
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .base import StepCache
-
-K_UPDATES = ("local", "mean", "ema")
-
-
-@dataclass(frozen=True)
-class EasyCacheConfig:
-    """Settings of the runtime-adaptive criterion; defaults are the paper's Wan2.1 setting."""
-
-    thresh: float = 0.05
-    """τ: skip while the accumulated deviation E_t stays below it (authors: `thresh`; Wan 0.05,
-    HunyuanVideo 0.025). τ = 0 computes every step."""
-
-    warmup: int = 10
-    """R: the first R sampling steps are always computed (authors: `ret_steps`, counted there in forward
-    calls, `10 * 2` for Wan with CFG; here in sampling steps)."""
-
-    compute_last: bool = True
-    """Always compute the last step (authors: `cutoff_steps`, the last step's calls)."""
-
-    k_update: str = "local"
-    """How k follows the rates measured at computed steps: "local" keeps the latest one (paper: k_local, the
-    adopted variant; authors: `k`), "mean" averages all of them (paper: k_avg), "ema" keeps an exponential
-    moving average with weight `ema_decay` on the past (paper: k_ema)."""
-
-    ema_decay: float = 0.9
-    """Weight of the past in the "ema" k update (ours: the paper does not state its value)."""
-
-    reuse_output: bool = False
-    """Ablation: on a skipped step return the last computed output v_i itself instead of x_t + Δ_i (the
-    naive output cache that the transformation vector improves on; commented out in the authors' code)."""
-
-    branch: str | None = None
-    """The CFG branch whose output drives k and ‖v_i‖ (e.g. "cond", as the authors' even calls); None: the
-    first branch handed to update(). All branches share the one decision per step either way."""
-
-    def __post_init__(self):
-        if self.branch is not None and (not isinstance(self.branch, str) or not self.branch):
-            raise ValueError(f"EasyCacheConfig.branch must be a branch name or None, got {self.branch!r}")
-        if isinstance(self.thresh, bool) or not isinstance(self.thresh, (int, float)) or not self.thresh >= 0:
-            raise ValueError(f"EasyCacheConfig.thresh (τ) must be a number >= 0, got {self.thresh!r}")
-        if math.isinf(self.thresh):
-            raise ValueError(
-                "EasyCacheConfig.thresh (τ) must be finite; use a large number to skip aggressively"
-            )
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"EasyCacheConfig.warmup (R) must be an int >= 0, got {self.warmup!r}")
-        if self.k_update not in K_UPDATES:
-            raise ValueError(f"EasyCacheConfig.k_update must be one of {K_UPDATES}, got {self.k_update!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"EasyCacheConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        for name in ("compute_last", "reuse_output"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"EasyCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
+from .configs import K_UPDATES, EasyCacheConfig  # noqa: F401 (re-exported: the config lives with the others)
 
 
 class EasyCache(StepCache):
@@ -98,7 +46,8 @@ class EasyCache(StepCache):
     ):
         if not isinstance(config, EasyCacheConfig):
             raise TypeError(f"config must be an EasyCacheConfig, got {type(config).__name__}")
-        kw = dict(reuse_output=config.reuse_output, branch=config.branch, group=group, first_step=first_step)
+        kw = dict(reuse_output=config.reuse_output, forecast=config.forecast, branch=config.branch)
+        kw.update(group=group, first_step=first_step)
         super().__init__(num_steps, **kw, decision_group=decision_group)
         if config.warmup >= num_steps:
             raise ValueError(
@@ -108,6 +57,9 @@ class EasyCache(StepCache):
         self.config = config
         self.k: float | None = None  # k_i as used in ε (host float)
         self.acc = 0.0  # E_t
+        self.integral = 0.0  # S_t (accumulate="integral")
+        self.run = 0  # skipped steps in a row (max_skips)
+        self._before_reset = (0.0, 0.0, 0)  # (E, S, run) before the last threshold reset
         self._num_rates = 0  # finite rates folded into k (for "mean")
         self._new_rates: list[Tensor] = []  # rates measured since the last host sync, still on the device
         self._last_v_norm: Tensor | None = None  # ‖v_i‖ of the last computed step (first branch)
@@ -116,7 +68,8 @@ class EasyCache(StepCache):
     def _decide(self, step: int, x: Tensor, record: dict) -> tuple[bool, str]:
         cfg = self.config
         if step < cfg.warmup or (cfg.compute_last and step == self.num_steps - 1):
-            self.acc = 0.0  # warm-up and the last step always compute and reset E
+            self.acc = self.integral = 0.0  # warm-up and the last step always compute and reset E
+            self.run = 0
             record["acc"] = 0.0
             return True, "warmup" if step < cfg.warmup else "last_step"
         # One host sync per decision: fetch ‖x_t − x_{t−1}‖, ‖v_i‖ and the rates measured since the last
@@ -134,7 +87,8 @@ class EasyCache(StepCache):
         if bad_rate or not (math.isfinite(input_change) and math.isfinite(last_v_norm) and last_v_norm > 0):
             # A zero denominator (no input change between the two computed steps, an all-zero output) or a
             # non-finite statistic: the prediction is meaningless, so compute and start afresh.
-            self.acc = 0.0
+            self.acc = self.integral = 0.0
+            self.run = 0
             record["note"] = "degenerate statistic: " + (
                 "transformation rate is not finite"
                 if bad_rate
@@ -143,11 +97,17 @@ class EasyCache(StepCache):
             return True, "degenerate"
         eps = self.k * input_change / last_v_norm  # ε_t = k_i ‖x_t − x_{t−1}‖ / ‖v_i‖
         self.acc += eps  # E_t = E_{t−1} + ε_t
-        record["eps"], record["acc"] = eps, self.acc
-        if self.acc < cfg.thresh:
+        self.integral += self.acc  # S_t = S_{t−1} + E_t (accumulate="integral")
+        measure = self.acc if cfg.accumulate == "change" else self.integral
+        record["eps"], record["acc"] = eps, measure
+        capped = cfg.max_skips and self.run >= cfg.max_skips
+        if measure < cfg.thresh and not capped:
+            self.run += 1
             return False, "reuse"
-        self.acc = 0.0  # E_t ≥ τ: compute this step and restart the accumulation
-        return True, "threshold"
+        self._before_reset = (self.acc, self.integral, self.run)  # for _follow, should rank 0 have skipped
+        self.acc = self.integral = 0.0  # E_t ≥ τ: compute this step and restart the accumulation
+        self.run = 0
+        return True, "threshold" if not capped or measure >= cfg.thresh else "max_skips"
 
     def _observe(self, x: Tensor, v: Tensor) -> None:
         if self._last_v is not None:
@@ -159,6 +119,16 @@ class EasyCache(StepCache):
             self._records[-1]["rate"] = rate
         self._last_v = v.detach().clone()
         self._last_v_norm = self.mean_abs(v)
+
+    def _follow(self, compute: bool, record: dict) -> None:
+        # Rank 0 computed: E restarts, as after any computed step. Rank 0 skipped: E_t stays accumulated
+        # (this rank's E_t, which reached τ here, equals rank 0's but for the last bits).
+        if compute:
+            self.acc = self.integral = 0.0
+            self.run = 0
+        elif record["acc"] is not None:
+            self.acc, self.integral, run = self._before_reset
+            self.run = run + 1
 
     def _fold_rates(self, rates: list[float]) -> bool:
         """Fold newly measured rates into k; True if the newest one is not finite (a zero denominator)."""

@@ -6,6 +6,7 @@ cache methods) should reuse these rather than write its own.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import signal
@@ -33,6 +34,14 @@ class Refused(SystemExit):
 
     def __str__(self) -> str:
         return self.line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that refuses a bad flag like every other check: one `error: ...` line and exit status 2,
+    instead of the whole usage text first (the sample scripts have ~60 flags; --help lists them)."""
+
+    def error(self, message: str):
+        raise refuse(f"{message} (see {self.prog} --help)", USAGE)
 
 
 def one_line(message: object) -> str:

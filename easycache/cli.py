@@ -6,16 +6,24 @@ import argparse
 import dataclasses
 import functools
 import os
+from typing import TYPE_CHECKING
 
-from .analyze import Analyze, AnalyzeConfig
-from .base import StepCache
-from .baselines import StaticCache, StaticCacheConfig
-from .cache import K_UPDATES, EasyCache, EasyCacheConfig
-from .magcache import MagCache, MagCacheConfig
+# Configs only (torch-free): a script parses and checks its flags before torch is imported. The caches
+# themselves are imported where they are built (make_cache).
+from .configs import (
+    K_UPDATES,
+    AnalyzeConfig,
+    EasyCacheConfig,
+    MagCacheConfig,
+    PABConfig,
+    StaticCacheConfig,
+    TeaCacheConfig,
+)
 from .methods import METHODS as METHOD_CONFIGS
 from .methods import field_names, parse_assignment, parse_value
-from .pab import PAB, PABConfig
-from .teacache import TeaCache, TeaCacheConfig
+
+if TYPE_CHECKING:
+    from .base import StepCache
 
 METHODS = ("easycache", "static", "teacache", "pab", "magcache", "none", "analyze")
 # The official flag names of TeaCache's and MagCache's scripts, as aliases of the config fields.
@@ -101,6 +109,22 @@ def add_cache_args(
     )
 
 
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, except that an unknown --METHOD.FIELD (those flags are hidden from --help)
+    is refused with the fields METHOD has."""
+    args, rest = parser.parse_known_args(argv)
+    for flag in rest:
+        method, dot, name = flag.removeprefix("--").partition("=")[0].partition(".")
+        if flag.startswith("--") and dot and method in METHOD_CONFIGS:
+            cls = METHOD_CONFIGS[method]
+            parser.error(
+                f"{flag}: {cls.__name__} has no field {name!r} (fields: {', '.join(field_names(method))})"
+            )
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def method_config(args: argparse.Namespace, method: str):
     """The config of `method` from the flags: the model's default, the classic flags, then --METHOD.FIELD."""
     if method == "static":
@@ -140,6 +164,13 @@ def make_cache(config, num_steps: int, *, timesteps=None, cost=None, **kwargs) -
     of one DiT call by part (see easycache.hooks), for the work ratio of the in-DiT caches."""
     if config is None:
         return None
+    from .analyze import Analyze  # the caches import torch: only now, after the flags are checked
+    from .baselines import StaticCache
+    from .cache import EasyCache
+    from .magcache import MagCache
+    from .pab import PAB
+    from .teacache import TeaCache
+
     if isinstance(config, AnalyzeConfig):
         return Analyze(config, num_steps, **kwargs)
     if isinstance(config, StaticCacheConfig):
@@ -245,14 +276,29 @@ def compare_configs(args: argparse.Namespace) -> list[tuple[str, object]]:
     return configs
 
 
+HOOKED = (TeaCacheConfig, MagCacheConfig, PABConfig)  # methods that act inside the DiT, one hook per call
+
+
 def check_cache_args(args: argparse.Namespace, num_steps: int) -> None:
-    """Build every cache the run will use once, so bad values fail before any model is loaded."""
-    make_cache(cache_config(args), num_steps)  # PAB's timesteps come with the schedule, later
+    """Build every config, then every cache, the run will use once, so bad values fail before any model is
+    loaded: the configs first (torch-free: a bad field answers at once), then the caches (they import torch)
+    for the checks against the number of steps (warm-up < steps, ...)."""
     if getattr(args, "num_seeds", 1) < 1:
         raise ValueError(f"--num-seeds must be >= 1, got {args.num_seeds}")
+    configs = [cache_config(args)]
     if getattr(args, "compare", False):
-        for _, config in compare_configs(args):
-            make_cache(config, num_steps)
+        configs += [config for _, config in compare_configs(args)]
+    hooked = sorted(
+        {type(c).__name__.removesuffix("Config").lower() for c in configs if isinstance(c, HOOKED)}
+    )
+    if getattr(args, "cfg_batch", None) and hooked:  # an explicit --cfg_batch (None: the default, auto)
+        raise ValueError(
+            f"--cfg_batch runs cond and uncond as one DiT call, but {', '.join(hooked)} "
+            f"{'act' if len(hooked) > 1 else 'acts'} inside the DiT with one hook per CFG branch, so it "
+            "needs two calls: drop --cfg_batch (easycache, static and none batch the branches)"
+        )
+    for config in configs:
+        make_cache(config, num_steps)  # PAB's timesteps come with the schedule, later
 
 
 def check_run_args(args: argparse.Namespace, num_steps: int) -> list[str]:

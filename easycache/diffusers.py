@@ -31,8 +31,9 @@ pipeline's global steps, so the warm-up R and the forced last step mean the same
 expert that takes over at the boundary has no Δ yet and computes (EasyCache's "no_k"), then learns its k.
 
 Multi-GPU: when torch.distributed is initialised (or a `group` is given), rank 0's decision is broadcast
-each step, so every rank takes the same branch of the control flow even if a statistic differs in its last
-bit (xfuser makes the same choice; a divergent step would desynchronise the collectives and hang).
+each step (`EasyCache(..., decision_group=group)`, the sample scripts' mechanism), so every rank takes the
+same branch of the control flow even if a statistic differs in its last bit (xfuser makes the same choice; a
+divergent step would desynchronise the collectives and hang).
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ class EasyCacheHook(ModelHook):
         self._finish_step()
         if generation != self._generation:  # a new pipeline run: a fresh cache, as the sample scripts build
             group = _resolve_group(self.group)
-            self.cache = EasyCache(self.config, self.num_steps, first_step=step)
+            # With a group, rank 0's decision is broadcast inside should_compute (StepCache.decision_group).
+            self.cache = EasyCache(self.config, self.num_steps, first_step=step, decision_group=group)
             self._generation, self._names, self.group = generation, None, group
         elif step != self._step + 1:
             raise RuntimeError(
@@ -217,8 +219,6 @@ class EasyCacheHook(ModelHook):
                 "run consecutive steps (Wan2.2: share_steps_with= the other expert)"
             )
         compute = self.cache.should_compute(step, x)
-        if self.group is not None:
-            compute = _follow_rank0(self.cache, compute, self.group, x.device)
         self._generation, self._step, self._x, self._compute = generation, step, x, compute
         self._outputs = {}
         self._reused = None if compute else self.cache.reuse(x)
@@ -247,22 +247,6 @@ def _resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
-
-
-def _follow_rank0(cache: EasyCache, compute: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
-    """Broadcast rank 0's decision of the step just decided; a rank that decided otherwise follows it."""
-    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
-    flag = torch.tensor([int(compute)], dtype=torch.int32, device=device)
-    dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
-    agreed = bool(flag.item())
-    if agreed != compute:
-        record = cache._records[-1]
-        record["compute"], record["reason"] = agreed, "rank0"
-        record["note"] = f"this rank decided {'compute' if compute else 'skip'}; rank 0's decision was kept"
-        cache._pending = agreed
-        if agreed:
-            cache.acc = 0.0  # as after any computed step
-    return agreed
 
 
 #####  public API  #####

@@ -25,17 +25,26 @@ analytic cost of one call, the work ratio (baseline FLOPs / FLOPs spent).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .base import StepCache
+from .base import StepCache, broadcast_decision
 
 
-def rel_l1(cur: Tensor, prev: Tensor) -> float:
-    """‖cur − prev‖₁ / ‖prev‖₁ with ‖·‖ the mean absolute value over the whole tensor (official TeaCache)."""
-    return ((cur - prev).abs().mean() / prev.abs().mean()).item()
+def rel_l1(cur: Tensor, prev: Tensor, group: dist.ProcessGroup | None = None) -> float:
+    """‖cur − prev‖₁ / ‖prev‖₁ with ‖·‖ the mean absolute value over the whole tensor (official TeaCache).
+
+    With `group`, `cur` and `prev` are this rank's part of the tokens (sequence parallelism): both sums are
+    all-reduced over the group first (fp32), so every rank gets the value of the whole tensors, as one process
+    would (up to the order of the sums), and the same value on every rank."""
+    if group is None:
+        return ((cur - prev).abs().mean() / prev.abs().mean()).item()
+    sums = torch.stack([(cur - prev).float().abs().sum(), prev.float().abs().sum()])  # [2]
+    dist.all_reduce(sums, group=group)
+    return (sums[0] / sums[1]).item()
 
 
 class BlockHook:
@@ -45,13 +54,20 @@ class BlockHook:
         self.owner, self.step, self.branch = owner, step, branch
         self.ran_blocks: bool | None = None  # set by compute_blocks
 
-    def compute_blocks(self, x: Tensor, probes: dict[str, Tensor]) -> bool:
-        """True: run the block stack and call `store_blocks`; False: call `reuse_blocks` instead."""
+    def compute_blocks(self, x: Tensor, probes: dict[str, Tensor], split: Iterable[str] = ()) -> bool:
+        """True: run the block stack and call `store_blocks`; False: call `reuse_blocks` instead.
+
+        `split`: under sequence parallelism, the names of the probes that hold only this rank's part of the
+        tokens (HunyuanVideo's "modulated"; not Wan's time embeddings, which every rank holds whole), and
+        "x" when x does; their statistics are reduced over the cache's decision group (easycache.base)."""
         if self.ran_blocks is not None:
             raise RuntimeError(
                 f"the hook of step {self.step} ({self.branch}) was already used: one per DiT call"
             )
-        self.ran_blocks = self.owner._compute_blocks(self.step, self.branch, x, probes)
+        split = frozenset(split)
+        if split - set(probes) - {"x"}:
+            raise ValueError(f"split names {sorted(split - set(probes) - {'x'})}, which are not probes")
+        self.ran_blocks = self.owner._compute_blocks(self.step, self.branch, x, probes, split)
         self.owner._calls.append(self)
         return self.ran_blocks
 
@@ -114,7 +130,14 @@ class HookCache(StepCache):
             raise RuntimeError(f"step {self._step} already has a hook for branch {branch!r}")
         return BlockHook(self, self._step, branch)
 
-    def _compute_blocks(self, step: int, branch: str, x: Tensor, probes: dict[str, Tensor]) -> bool:
+    def _compute_blocks(
+        self,
+        step: int,
+        branch: str,
+        x: Tensor,
+        probes: dict[str, Tensor],
+        split: frozenset[str] = frozenset(),
+    ) -> bool:
         if step != self._step or self._pending is not True:
             raise RuntimeError(f"a hook of step {step} was used after its step was finished")
         if self.branches != "separate" and branch != self.branches:
@@ -127,7 +150,13 @@ class HookCache(StepCache):
             compute, reason = leader, "follows " + self.branches
             self._observe_probes(step, branch, probes)
         else:
-            compute, reason = self._decide_blocks(step, branch, x, probes)
+            compute, reason = self._decide_blocks(step, branch, x, probes, split)
+            if self.decision_group is not None:  # rank 0's decision, as StepCache.should_compute does
+                mine = compute
+                compute = broadcast_decision(mine, self.decision_group, x.device)
+                if compute != mine:  # never expected; recorded so that a trace shows it
+                    reason = "rank0_compute" if compute else "rank0_reuse"
+                    self._follow_blocks(branch, compute)
         if not compute and branch not in self._residual:
             compute, reason = True, "no_residual"
         self._decided[(step, branch)] = compute
@@ -143,9 +172,19 @@ class HookCache(StepCache):
 
     # Subclasses: the decision of one branch at one step (and the probe bookkeeping of a follower).
     def _decide_blocks(
-        self, step: int, branch: str, x: Tensor, probes: dict[str, Tensor]
+        self,
+        step: int,
+        branch: str,
+        x: Tensor,
+        probes: dict[str, Tensor],
+        split: frozenset[str] = frozenset(),
     ) -> tuple[bool, str]:
+        """`split`: the probes that hold only this rank's tokens (reduce their statistics over
+        `self.split_group(...)`)."""
         raise NotImplementedError
+
+    def _follow_blocks(self, branch: str, compute: bool) -> None:
+        """This rank decided otherwise for `branch` and takes rank 0's decision: align the accumulators."""
 
     def _observe_probes(self, step: int, branch: str, probes: dict[str, Tensor]) -> None:
         """A follower branch still sees its probes (TeaCache keeps its previous input up to date)."""

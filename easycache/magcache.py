@@ -17,52 +17,12 @@ lengths are resampled by nearest index (official `nearest_interp`).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from torch import Tensor
 
+from .configs import MagCacheConfig
 from .hooks import HookCache, nearest_interp
-from .published import MAG_RATIOS
-
-
-@dataclass(frozen=True)
-class MagCacheConfig:
-    """MagCache knobs (official names); defaults: the official Wan2.1 script (thresh 0.12, K 2, 0.2)."""
-
-    magcache_thresh: float = 0.12
-    """δ: skip while the accumulated error stays below it (Wan 0.12; HunyuanVideo 0.24; OpenSora 0.12)."""
-
-    magcache_K: int = 2  # noqa: N815 (the official name)
-    """K: at most this many consecutive skips (Wan 2, HunyuanVideo 6, OpenSora 3)."""
-
-    retention_ratio: float = 0.2
-    """The first int(N · retention_ratio) steps are always computed."""
-
-    mag_ratios: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(MAG_RATIOS["wan-t2v-1.3B"]))
-    """{branch: γ per sampling step, γ_0 = 1 padding}; see easycache.published and easycache.calibrate."""
-
-    branches: str = "separate"
-    """"separate": each CFG branch its own accumulators and ratios (official Wan); or the name of the branch
-    that decides for all (its ratios are the ones used)."""
-
-    def __post_init__(self):
-        t = self.magcache_thresh
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0 and math.isfinite(t)):
-            raise ValueError(f"MagCacheConfig.magcache_thresh must be a finite number >= 0, got {t!r}")
-        k = self.magcache_K
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"MagCacheConfig.magcache_K must be an int >= 0, got {k!r}")
-        r = self.retention_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
-            raise ValueError(f"MagCacheConfig.retention_ratio must be in [0, 1], got {r!r}")
-        if not isinstance(self.mag_ratios, dict) or not self.mag_ratios:
-            raise ValueError("MagCacheConfig.mag_ratios must be a non-empty {branch: ratios} dict")
-        ratios = {str(b): tuple(float(v) for v in vs) for b, vs in self.mag_ratios.items()}
-        for b, vs in ratios.items():
-            if not vs or not all(math.isfinite(v) and v > 0 for v in vs):
-                raise ValueError(f"MagCacheConfig.mag_ratios[{b!r}] must be positive finite numbers")
-        object.__setattr__(self, "mag_ratios", ratios)
 
 
 class MagCache(HookCache):
@@ -89,8 +49,14 @@ class MagCache(HookCache):
         self.acc_ratio: dict[str, float] = {}
         self.acc_err: dict[str, float] = {}
         self.acc_steps: dict[str, int] = {}
+        self._before_reset: tuple[float, int, float] | None = None  # this call's accumulators before a reset
 
-    def _decide_blocks(self, step: int, branch: str, x: Tensor, probes) -> tuple[bool, str]:
+    def _decide_blocks(
+        self, step: int, branch: str, x: Tensor, probes, split=frozenset()
+    ) -> tuple[bool, str]:
+        # The decision reads only the calibrated ratios and the step, no tensor statistic: the same on every
+        # rank and under any layout (rank 0's is still the one taken, see HookCache).
+        self._before_reset = None
         if branch not in self.ratios:
             raise ValueError(
                 f"MagCache has no ratios for branch {branch!r} (have {sorted(self.ratios)}); calibrate them "
@@ -106,8 +72,15 @@ class MagCache(HookCache):
         rec.setdefault("acc_by_branch", {})[branch] = self.acc_err[branch]
         if self.acc_err[branch] < cfg.magcache_thresh and self.acc_steps[branch] <= cfg.magcache_K:
             return False, "reuse"
+        self._before_reset = (self.acc_ratio[branch], self.acc_steps[branch], self.acc_err[branch])
         self.acc_ratio[branch], self.acc_steps[branch], self.acc_err[branch] = 1.0, 0, 0.0
         return True, "threshold"
+
+    def _follow_blocks(self, branch: str, compute: bool) -> None:
+        if compute:  # rank 0 computed: restart, as after any computed call
+            self.acc_ratio[branch], self.acc_steps[branch], self.acc_err[branch] = 1.0, 0, 0.0
+        elif self._before_reset is not None:  # rank 0 skipped: undo this rank's reset
+            self.acc_ratio[branch], self.acc_steps[branch], self.acc_err[branch] = self._before_reset
 
     @property
     def stats(self) -> dict:

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
-from .baselines import StaticCacheConfig
-from .cache import EasyCacheConfig
-from .magcache import MagCacheConfig
-from .pab import PAB_OPENSORA, PABConfig
+from .checks import BadFile
+from .configs import (
+    COEFFICIENTS,
+    PAB_OPENSORA,
+    EasyCacheConfig,
+    MagCacheConfig,
+    PABConfig,
+    StaticCacheConfig,
+    TeaCacheConfig,
+)
 from .published import MAG_RATIOS
-from .teacache import COEFFICIENTS, TeaCacheConfig
 
 METHODS = {
     "easycache": EasyCacheConfig,
@@ -95,8 +101,8 @@ def _is_numbers(text: str) -> bool:
 def _coefficients(text: str) -> tuple[float, ...]:
     if text in COEFFICIENTS:
         return COEFFICIENTS[text]
-    if os.path.isfile(text):
-        return tuple(_calibration(text, "teacache")["coefficients"])
+    if os.path.isfile(text) or text.endswith(".json"):
+        return _numbers(_calibration(text, "teacache", "coefficients"), text, "teacache.coefficients")
     raise ValueError(
         f"TeaCache coefficients {text!r}: not a published set ({', '.join(COEFFICIENTS)}), not numbers "
         "joined by ':' and not a calibration file"
@@ -106,19 +112,39 @@ def _coefficients(text: str) -> tuple[float, ...]:
 def _mag_ratios(text: str) -> dict[str, tuple[float, ...]]:
     if text in MAG_RATIOS:
         return dict(MAG_RATIOS[text])
-    if os.path.isfile(text):
-        return {b: tuple(v) for b, v in _calibration(text, "magcache")["mag_ratios"].items()}
+    if os.path.isfile(text) or text.endswith(".json"):
+        ratios = _calibration(text, "magcache", "mag_ratios")
+        if not isinstance(ratios, dict) or not ratios:
+            raise BadFile(f"{text}: magcache.mag_ratios must be a {{branch: [ratios]}} object")
+        return {b: _numbers(v, text, f"magcache.mag_ratios.{b}") for b, v in ratios.items()}
     raise ValueError(
         f"MagCache ratios {text!r}: not a published table ({', '.join(MAG_RATIOS)}), nor a calibration file"
     )
 
 
-def _calibration(path: str, method: str) -> dict:
+def _calibration(path: str, method: str, name: str):
+    """Field `name` of the `method` section of a calibration file (easycache.calibrate writes them); a
+    missing file is FileNotFoundError, a damaged one BadFile (exit status 1 either way)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"calibration file not found: {path} (write one with python -m easycache.calibrate)"
+        )
     try:
-        with open(path) as f:
-            data = json.load(f)
-        return data[method]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(
-            f"{path} is not a calibration file with a {method!r} section (easycache.calibrate)"
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)[method][name]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise BadFile(
+            f"{path} is not a calibration file with a {method}.{name} entry (easycache.calibrate writes them)"
         ) from None
+
+
+def _numbers(values, path: str, name: str) -> tuple[float, ...]:
+    """A non-empty list of finite numbers from a calibration file."""
+    ok = (
+        isinstance(values, list)
+        and values
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    )
+    if not ok:
+        raise BadFile(f"{path}: {name} must be a non-empty list of finite numbers, got {str(values)[:60]}")
+    return tuple(float(v) for v in values)

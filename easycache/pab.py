@@ -18,61 +18,13 @@ VideoSys' OpenSora config is not implemented (diffusers leaves it out too: "very
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
+import torch
 from torch import Tensor
 
+from .configs import KINDS, PAB_OPENSORA, PABConfig  # noqa: F401 (re-exported)
 from .hooks import BlockHook, HookCache
-
-KINDS = ("spatial", "temporal", "cross")
-
-
-@dataclass(frozen=True)
-class PABConfig:
-    """PAB knobs (VideoSys names). Defaults: diffusers' documented setting (spatial attention every 2nd step
-    inside (100, 800)), our stand-in for the paper's PAB rows on Wan2.1 and HunyuanVideo; OpenSora:
-    PAB_OPENSORA."""
-
-    spatial_broadcast: bool = True
-    spatial_threshold: tuple[float, float] = (100, 800)
-    spatial_range: int = 2
-    temporal_broadcast: bool = False
-    temporal_threshold: tuple[float, float] = (100, 800)
-    temporal_range: int = 4
-    cross_broadcast: bool = False
-    cross_threshold: tuple[float, float] = (100, 800)
-    cross_range: int = 6
-
-    def __post_init__(self):
-        for kind in KINDS:
-            on, lim, rng = (getattr(self, f"{kind}_{f}") for f in ("broadcast", "threshold", "range"))
-            if not isinstance(on, bool):
-                raise ValueError(f"PABConfig.{kind}_broadcast must be a bool, got {on!r}")
-            if isinstance(rng, bool) or not isinstance(rng, int) or rng < 1:
-                raise ValueError(f"PABConfig.{kind}_range must be an int >= 1, got {rng!r}")
-            lim = tuple(float(v) for v in lim)
-            if len(lim) != 2 or not lim[0] <= lim[1]:
-                raise ValueError(
-                    f"PABConfig.{kind}_threshold must be (low, high) with low <= high, got {lim}"
-                )
-            object.__setattr__(self, f"{kind}_threshold", lim)
-
-    def broadcast(self, kind: str, step: int, timestep: float) -> bool:
-        """The official rule (pab_mgr.if_broadcast_*): True = reuse the stored output."""
-        low, high = getattr(self, f"{kind}_threshold")
-        return (
-            getattr(self, f"{kind}_broadcast")
-            and step % getattr(self, f"{kind}_range") != 0
-            and low < timestep < high
-        )
-
-
-# VideoSys' OpenSora 1.2 setting (OpenSoraPABConfig; its MLP broadcast is left out, see above).
-PAB_OPENSORA = PABConfig(
-    spatial_broadcast=True, spatial_threshold=(450, 930), spatial_range=2,
-    temporal_broadcast=True, temporal_threshold=(450, 930), temporal_range=4,
-    cross_broadcast=True, cross_threshold=(450, 930), cross_range=6,
-)  # fmt: skip
 
 
 class _LayerBroadcast:
@@ -82,7 +34,7 @@ class _LayerBroadcast:
         self.owner, self.hook, self.layer = owner, hook, layer
 
     def __call__(self, kind: str, fn: Callable[..., Tensor], *args) -> Tensor:
-        return self.owner._attend(self.hook, self.layer, kind, fn, args)
+        return self.owner._attend_eagerly(self.hook, self.layer, kind, fn, args)
 
 
 class PAB(HookCache):
@@ -110,8 +62,13 @@ class PAB(HookCache):
         self._outputs: dict[tuple[str, str, int], Tensor] = {}  # (branch, kind, layer) -> last output
         self.counts = {k: {"computed": 0, "broadcast": 0} for k in KINDS}
         self._broadcast_calls: dict[int, list[str]] = {}  # id(hook) -> kinds broadcast in that call
+        # Under --compile (compiled blocks) the broadcast decision stays out of the graph, as every cache
+        # decision does: traced, its step-dependent branch would recompile the blocks at every step. Marked
+        # here, the block's graph breaks around the attention, which runs eagerly (computed or reused).
+        # Wrapped per instance, not at import: torch.compiler.disable imports torch._dynamo (seconds).
+        self._attend_eagerly = torch.compiler.disable(self._attend)
 
-    def _decide_blocks(self, step, branch, x, probes) -> tuple[bool, str]:
+    def _decide_blocks(self, step, branch, x, probes, split=frozenset()) -> tuple[bool, str]:
         if self.timesteps is None:
             raise RuntimeError("PAB needs the schedule's timesteps: make_cache(config, steps, timesteps=...)")
         return True, "dit"  # the block stack always runs; single attentions are broadcast inside it

@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "flash", "sage")
-
+from models.flags import BACKENDS  # the --attention choices (torch-free, for parsing)
 
 _IMPORTED: dict[str, object] = {}  # memo of the optional kernel packages (None: not installed)
 

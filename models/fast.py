@@ -17,32 +17,13 @@ import argparse
 import torch
 from torch import nn
 
-from models.attention import BACKENDS, check_backend, flash_attn_module, sage_attn_module
+from models.attention import check_backend, flash_attn_module, sage_attn_module
+from models.flags import add_speed_args  # noqa: F401 (re-exported; defined torch-free for parsing)
 
 
-def add_speed_args(parser: argparse.ArgumentParser, *, cfg_batch: bool = True) -> None:
-    """Add --compile, --attention and (for models with true CFG) --cfg_batch; dash spellings are accepted too
-    (HunyuanVideo's official flags use dashes, Wan's underscores)."""
-    g = parser.add_argument_group("speed (GPU path)")
-    if cfg_batch:
-        g.add_argument(
-            "--cfg_batch",
-            "--cfg-batch",
-            dest="cfg_batch",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="run the cond and uncond CFG branches as one batch-2 DiT call (default: on on CUDA, off on "
-            "the CPU); the cache still sees the two named branches",
-        )
-    g.add_argument(
-        "--compile", action="store_true", help="torch.compile each DiT block once (first step slow)"
-    )
-    g.add_argument(
-        "--attention",
-        choices=BACKENDS,
-        default="auto",
-        help="attention kernel: flash-attn when installed, else SDPA (auto); sdpa; flash; sage (approximate)",
-    )
+def default_device() -> str:
+    """The --device default, resolved after parsing: cuda when available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cfg_batch_default(device: torch.device | str) -> bool:

@@ -540,7 +540,9 @@ class HunyuanVideoModel(nn.Module):
         k_lens = n_img + text_lens  # [B]
         # Cache seam: TeaCache/MagCache may skip both block stacks (image tokens + their cached residual, as
         # the official TeaCache); PAB gets a broadcaster per block (single block i is layer depth_double + i).
-        if cache is not None and not cache.compute_blocks(img, {"modulated": self._probe(img, vec)}):
+        # Under sp the image tokens, and so the token-wise probe, are this rank's part (statistics reduced).
+        split = ("x", "modulated") if sp is not None else ()
+        if cache is not None and not cache.compute_blocks(img, {"modulated": self._probe(img, vec)}, split):
             img = cache.reuse_blocks(img)  # [B, N, D]
         else:
             img_in, pab = img, cache.attention if cache is not None else lambda i: None

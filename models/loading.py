@@ -1,7 +1,8 @@
 """Reading official checkpoint files and loading them strictly; clear errors for missing or broken files.
 
 Finding and checking files (resolve_checkpoint, require_files, check_checkpoint_files, safetensors_header,
-check_shapes) reads no tensor, so the sample scripts run these checks before any model is loaded.
+checkpoint_shapes, check_shapes) reads no tensor, so the sample scripts run these checks before any model is
+loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import os
 import struct
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -100,6 +101,19 @@ def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
+def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a .safetensors file, or of every shard a .safetensors.index.json lists, from the
+    headers alone (no tensor is read): what check_shapes compares a meta-device model against."""
+    if not path.endswith(".index.json"):
+        return {k: shape for k, (_, shape) in safetensors_header(path).items()}
+    with open(path, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted(set(weight_map.values())):
+        shapes.update(checkpoint_shapes(os.path.join(os.path.dirname(path), shard)))
+    return shapes
+
+
 def check_checkpoint_files(folder: str, files: Iterable[str]) -> None:
     """Read the headers of `files` in `folder` before anything loads: safetensors headers and sizes (and the
     shards an index lists), JSON that parses, .pt/.pth files in torch's zip format whose pickle needs no
@@ -152,28 +166,66 @@ def load_sharded_safetensors(
 ) -> dict[str, Tensor]:
     """`name`.safetensors, or the shards listed by `name`.safetensors.index.json (diffusers' layout).
 
-    Tensors are read one at a time and `cast(key, tensor)` (e.g. to bf16) is applied to each as it is read,
-    so host memory peaks at the cast state dict plus the pages of the one shard being read (its memory map
-    is closed before the next opens), never at the whole file-dtype state next to the cast one.
+    Tensors are read one at a time and `cast(key, tensor)` (e.g. to bf16, a copy) is applied to each as it
+    is read, each from a memory map of its own that is closed right after: host memory peaks at the cast
+    state dict plus the one tensor being read, never at the whole file-dtype state next to the cast one.
     """
+    files, weight_map = safetensors_files(ckpt_dir, name)
+    state_dict: dict[str, Tensor] = {}
+    for path, shard in files:
+        state_dict.update(_read_safetensors(path, cast, expect=weight_map, shard=shard))
+    _check_index_complete(weight_map, state_dict)
+    return state_dict
+
+
+def safetensors_files(ckpt_dir: str, name: str = "diffusion_pytorch_model") -> tuple[list, dict | None]:
+    """[(path, shard name)] of `name`.safetensors or of the shards its index lists (in name order), and the
+    index's weight map (None for a single file)."""
     single = os.path.join(ckpt_dir, f"{name}.safetensors")
     index = os.path.join(ckpt_dir, f"{name}.safetensors.index.json")
     if os.path.isfile(single):
-        return _read_safetensors(single, cast)
+        return [(single, "")], None
     if not os.path.isfile(index):
         raise FileNotFoundError(
             f"{ckpt_dir} has neither {name}.safetensors nor {name}.safetensors.index.json"
         )
     with open(index) as f:
         weight_map = json.load(f)["weight_map"]
-    state_dict: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        part = _read_safetensors(os.path.join(ckpt_dir, shard), cast, expect=weight_map, shard=shard)
-        state_dict.update(part)
-    absent = sorted(set(weight_map) - set(state_dict))
+    return [(os.path.join(ckpt_dir, s), s) for s in sorted(set(weight_map.values()))], weight_map
+
+
+def stream_safetensors_slices(
+    ckpt_dir: str, name: str = "diffusion_pytorch_model"
+) -> Iterator[tuple[str, object]]:
+    """(key, slice) for every tensor of `name`.safetensors or its shards, one tensor's memory map open at a
+    time (use the slice before taking the next). A safetensors slice reads only the rows it is indexed with
+    (`sl[a:b]`: rows a..b of dim 0, a tensor in the file's dtype), so a caller that needs part of each tensor
+    (FSDP: this rank's 1/N) touches only that part of the file. Same checks as load_sharded_safetensors."""
+    files, weight_map = safetensors_files(ckpt_dir, name)
+    seen = set()
+    for path, shard in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        try:
+            f = safe_open(path, framework="pt")
+        except Exception as e:  # safetensors errors differ by version; report them in one form
+            raise ValueError(f"cannot read checkpoint {path} (corrupt or not a checkpoint?): {e}") from e
+        with f:
+            keys = list(f.keys())
+            wrong = [k for k in keys if weight_map is not None and weight_map.get(k) != shard]
+            if wrong:
+                raise ValueError(f"{shard} holds keys its index does not assign to it: {wrong[:5]}")
+            for key in keys:
+                seen.add(key)
+                with safe_open(path, framework="pt") as one:  # one map per tensor (see _read_safetensors)
+                    yield key, one.get_slice(key)
+    _check_index_complete(weight_map, seen)
+
+
+def _check_index_complete(weight_map: dict | None, loaded) -> None:
+    absent = sorted(set(weight_map or ()) - set(loaded))
     if absent:
         raise ValueError(f"the index lists keys that no shard holds: {absent[:5]}")
-    return state_dict
 
 
 def _read_safetensors(
@@ -191,8 +243,14 @@ def _read_safetensors(
                 raise LookupError(wrong[:5])
             out = {}
             for key in keys:
-                tensor = f.get_tensor(key)  # a copy out of the memory map
-                out[key] = cast(key, tensor) if cast is not None else tensor
+                if cast is None:
+                    out[key] = f.get_tensor(key)  # views of the file's one memory map
+                    continue
+                # With a cast, a memory map of its own per tensor, closed once the cast copy exists: the file
+                # pages just read leave this process's resident memory with it. (One map per file keeps every
+                # page read so far resident until the file is done: one whole shard on top of the model.)
+                with safe_open(path, framework="pt") as one:
+                    out[key] = cast(key, one.get_tensor(key))
             return out
     except LookupError as e:
         raise ValueError(f"{shard} holds keys its index does not assign to it: {e.args[0]}") from None

@@ -212,9 +212,10 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """Self-attention with per-head RMSNorm on q and k (before RoPE, as upstream's qk_norm_legacy=False)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, attn_backend: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
+        self.attn_backend = attn_backend  # models.attention backend: auto, sdpa, flash or sage
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = LlamaRMSNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.k_norm = LlamaRMSNorm(dim // num_heads) if qk_norm else nn.Identity()
@@ -226,16 +227,17 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        x = attention(q, k, v)  # [B, L, Nh, Dh]
+        x = attention(q, k, v, backend=self.attn_backend)  # [B, L, Nh, Dh]
         return self.proj(rearrange(x, "B L Nh Dh -> B L (Nh Dh)"))  # [B, L, D]
 
 
 class MultiHeadCrossAttention(nn.Module):
     """Video tokens attend to their own sample's valid text tokens; no norm on either side."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
+        self.attn_backend = attn_backend
         self.q_linear = nn.Linear(dim, dim)
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -245,7 +247,7 @@ class MultiHeadCrossAttention(nn.Module):
         kv = self.kv_linear(y)  # [B, L, 2D], features ordered (k/v, Nh, Dh)
         k, v = rearrange(kv, "B L (k Nh Dh) -> k B L Nh Dh", k=2, Nh=self.num_heads)  # [B, L, Nh, Dh]
         # k_lens = upstream's block-diagonal xformers mask over the packed valid tokens of every sample.
-        x = attention(q, k, v, k_lens=y_lens)  # [B, N, Nh, Dh]
+        x = attention(q, k, v, k_lens=y_lens, backend=self.attn_backend)  # [B, N, Nh, Dh]
         return self.proj(rearrange(x, "B N Nh Dh -> B N (Nh Dh)"))  # [B, N, D]
 
 
@@ -261,12 +263,12 @@ def t2i_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class STDiT3Block(nn.Module):
     """One spatial (attention within a frame) or temporal (attention across frames at one position) block."""
 
-    def __init__(self, config: STDiT3Config, temporal: bool):
+    def __init__(self, config: STDiT3Config, temporal: bool, attn_backend: str = "auto"):
         super().__init__()
         d = config.hidden_size
         self.temporal = temporal
-        self.attn = Attention(d, config.num_heads, config.qk_norm)
-        self.cross_attn = MultiHeadCrossAttention(d, config.num_heads)
+        self.attn = Attention(d, config.num_heads, config.qk_norm, attn_backend)
+        self.cross_attn = MultiHeadCrossAttention(d, config.num_heads, attn_backend)
         self.mlp = Mlp(d, int(d * config.mlp_ratio), d)
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
 
@@ -337,10 +339,11 @@ class STDiT3(nn.Module):
     """OpenSora v1.2 spatial-temporal DiT; state_dict() keys are exactly the official ones (973 for XL/2).
 
     Upstream's `x_mask` (per-frame timestep-0 modulation for image/video conditioning) is not implemented:
-    text-to-video passes an all-True x_mask, which is the same as none.
+    text-to-video passes an all-True x_mask, which is the same as none. `attn_backend` picks the attention
+    kernel of every block (models.attention.BACKENDS); it holds no weights.
     """
 
-    def __init__(self, config: STDiT3Config):
+    def __init__(self, config: STDiT3Config, attn_backend: str = "auto"):
         super().__init__()
         c, d = config, config.hidden_size
         self.config = config
@@ -350,8 +353,8 @@ class STDiT3(nn.Module):
         self.fps_embedder = TimestepEmbedder(d)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.y_embedder = CaptionEmbedder(c.caption_channels, d, c.model_max_length)
-        self.spatial_blocks = nn.ModuleList(STDiT3Block(c, temporal=False) for _ in range(c.depth))
-        self.temporal_blocks = nn.ModuleList(STDiT3Block(c, temporal=True) for _ in range(c.depth))
+        self.spatial_blocks = nn.ModuleList(STDiT3Block(c, False, attn_backend) for _ in range(c.depth))
+        self.temporal_blocks = nn.ModuleList(STDiT3Block(c, True, attn_backend) for _ in range(c.depth))
         self.final_layer = T2IFinalLayer(d, math.prod(c.patch_size), c.out_channels)
 
     def forward(
@@ -476,13 +479,16 @@ def text_lengths(mask: Tensor, batch: int, length: int) -> Tensor:
 # ==================================================================================================
 
 
-def load_stdit3(ckpt_dir: str, *, device: str | torch.device, dtype: torch.dtype) -> STDiT3:
+def load_stdit3(
+    ckpt_dir: str, *, device: str | torch.device, dtype: torch.dtype, attn_backend: str = "auto"
+) -> STDiT3:
     """STDiT3 from an official checkpoint directory (`config.json` + `model.safetensors`, fp32 on the Hub).
 
     Args:
         ckpt_dir: local copy of hpcai-tech/OpenSora-STDiT-v3.
         device, dtype: every tensor goes there, `rope.freqs` and `y_embedding` included (upstream's
             `model.to(device, dtype)`; bf16 is the official inference dtype).
+        attn_backend: the attention kernel (models.attention.BACKENDS).
     """
     require_files(ckpt_dir, ["config.json", "model.safetensors"], repo_id=HUB_REPO)
     config = STDiT3Config.from_json(os.path.join(ckpt_dir, "config.json"))
@@ -491,5 +497,5 @@ def load_stdit3(ckpt_dir: str, *, device: str | torch.device, dtype: torch.dtype
     for k, v in state_dict.items():  # one tensor at a time: the fp32 copy is freed as we go
         state_dict[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
     with torch.device("meta"):
-        model = STDiT3(config)
+        model = STDiT3(config, attn_backend)
     return load_strict(model, state_dict, source=path).eval()

@@ -91,6 +91,18 @@ def default_attn_type(device: torch.device, dtype: torch.dtype) -> str:
     return "torch_flash"
 
 
+def check_parallel_attention(attention: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Refuse, before anything loads, what a sequence-parallel run could not honour: under Ulysses/ring the
+    self-attention runs yunchang's kernel (default_attn_type), so `--attention sage` would only reach the
+    cross-attention; and CUDA without flash-attn needs a half dtype (default_attn_type raises)."""
+    if attention == "sage":
+        raise ValueError(
+            "--attention sage cannot run sequence-parallel self-attention (yunchang runs flash-attn or "
+            "torch's flash kernel there); drop --attention or use auto/flash"
+        )
+    default_attn_type(torch.device(device), dtype)
+
+
 @dataclass
 class SequenceParallel:
     """One sequence-parallel layout over all ranks: how tokens are split, gathered and attended.
@@ -114,7 +126,9 @@ class SequenceParallel:
         """This rank's 1/P of `x` along `dim`, which must divide evenly (contiguous chunks in rank order)."""
         if x.shape[dim] % self.world_size:
             raise ValueError(f"cannot split {x.shape[dim]} evenly over {self.world_size} ranks")
-        return x.chunk(self.world_size, dim=dim)[self.rank]
+        # A copy with its own packed strides, not a view into the whole: torch.compile guards on strides, so
+        # a view would give the first compiled block a second graph (--compile). Same values, same maths.
+        return x.chunk(self.world_size, dim=dim)[self.rank].clone(memory_format=torch.contiguous_format)
 
     def padded_length(self, length: int) -> int:
         """`length` rounded up to a multiple of P, as the official Wan pads its token sequence."""

@@ -24,7 +24,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.attention import attention
-from models.loading import download_command, load_sharded_safetensors, load_strict, require_files
+from models.loading import (
+    check_shapes,
+    download_command,
+    load_sharded_safetensors,
+    load_strict,
+    require_files,
+    safetensors_files,
+    safetensors_header,
+    stream_safetensors_slices,
+)
 
 if TYPE_CHECKING:
     from models.parallel import SequenceParallel
@@ -480,7 +489,8 @@ class WanModel(nn.Module):
 
         # Cache seam: TeaCache/MagCache may skip the whole block stack (x + its cached residual); PAB gets a
         # broadcaster per block. Probes are what a decision may measure (official TeaCache: e, or e0).
-        if cache is not None and not cache.compute_blocks(x, {"e": e, "e0": e0}):
+        # Under sp the tokens x are this rank's part; the time embeddings are whole on every rank.
+        if cache is not None and not cache.compute_blocks(x, {"e": e, "e0": e0}, split=("x",) if sp else ()):
             x = cache.reuse_blocks(x)  # [B, L, D]
         else:
             x_in = x
@@ -611,6 +621,7 @@ def load_wan(
     dtype: torch.dtype = torch.float32,
     repo_id: str | None = None,
     attn_backend: str = "auto",
+    fsdp: bool = False,
 ) -> WanModel:
     """Load an official Wan2.1 DiT checkpoint directory strictly.
 
@@ -621,6 +632,9 @@ def load_wan(
         device, dtype: where the weights go; with bf16/fp16 the fp32 islands stay fp32.
         repo_id: Hub repo named in the error message when files are missing (e.g. WAN_REPOS["t2v-1.3B"]).
         attn_backend: the attention kernel (models.attention.BACKENDS).
+        fsdp: shard the blocks over the default process group with FSDP2 (`--dit_fsdp`) *while* loading:
+            each rank reads only its 1/N of every weight from the files and holds only that, on `device`
+            (models.fsdp.load_sharded). Bitwise the shards of the unsharded load.
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -638,6 +652,18 @@ def load_wan(
     with torch.device("meta"):
         model = WanModel(config, attn_backend)
     keep = fp32_island_keys(model)
+    if fsdp:
+        from models.fsdp import load_sharded
+
+        # Keys and shapes from the headers first (no tensor read), then the final dtypes on the meta model:
+        # FSDP2 groups each block's parameters by dtype when it shards.
+        files, _ = safetensors_files(ckpt_dir, WEIGHTS)
+        check_shapes(
+            model, {k: s for p, _ in files for k, (_, s) in safetensors_header(p).items()}, source=ckpt_dir
+        )
+        cast_wan(model, dtype)
+        tensors = stream_safetensors_slices(ckpt_dir, WEIGHTS)
+        return load_sharded(model, model.blocks, tensors, device=device, source=ckpt_dir).eval()
     # Cast each tensor as it is read, into memory of its own (copy=True: a tensor left viewing the memory
     # map, e.g. an fp32 island, would keep every shard's pages mapped): the peak is the cast model plus one
     # shard (benchmarks/loader_memory.py), not the whole fp32 state next to its cast copy.

@@ -1,11 +1,14 @@
 """Every bad input of the README's "Bad input" table: one `error:` line, exit 2 (a flag to change) or 1 (a bad
 file), before any model loads where the input can be checked without one, and nothing written."""
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import struct
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -53,6 +56,24 @@ WAN_USAGE = [
     (["--base_seed", "99999999999999999999999"], "--base_seed must be in 0..9223372036854775807"),
     (["--base_seed", "-7"], "--base_seed must be in"),
     (["--thresh", "nan"], "thresh"),
+    # cache methods: a field out of range, not a number, unknown; a bad --sweep; --cfg_batch with a hook
+    (["--cache", "teacache", "--teacache.rel_l1_thresh", "-1"], "rel_l1_thresh must be a finite number >= 0"),
+    (["--cache", "teacache", "--teacache.rel_l1_thresh", "nan"], "rel_l1_thresh must be a finite number"),
+    (["--cache", "magcache", "--magcache.magcache_K", "two"], "MagCacheConfig.magcache_K takes a int"),
+    (["--teacache.bogus", "1"], "TeaCacheConfig has no field 'bogus' (fields: rel_l1_thresh,"),
+    (["--compare", "--sweep", "teacache.rel_l1_thresh"], "expected METHOD.FIELD=v1,v2"),
+    (["--compare", "--sweep", "fastcache.x=1"], "unknown method 'fastcache'"),
+    (["--compare", "--sweep", "pab.spatial_range=0"], "spatial_range must be an int >= 1"),
+    (["--cache", "teacache", "--cfg_batch"], "teacache acts inside the DiT with one hook per CFG branch"),
+    (["--cache", "pab", "--cfg_batch"], "drop --cfg_batch"),
+    (["--compare", "--sweep", "magcache.magcache_K=1,2", "--cfg_batch"], "magcache acts inside the DiT"),
+    (["--attention", "sage"], "--attention sage needs sageattention"),
+    # image inputs: with a text-to-video task, or an i2v task without one
+    (["--image", "cat.png"], "--image is for the image-to-video tasks"),
+    (["--task", "i2v-tiny"], "--task i2v-tiny animates an image: pass --image FILE"),
+    # multi-GPU layouts outside torchrun
+    (["--ulysses_size", "2"], "need several processes: launch with torchrun"),
+    (["--dit_fsdp"], "need several processes"),
 ]
 
 
@@ -61,6 +82,102 @@ def test_wan_bad_flags(tmp_path, capsys, extra, message):
     status, line = refused(sample_wan.main, wan(tmp_path, *extra), capsys)
     assert status == 2 and message in line
     assert not (tmp_path / "out").exists()
+
+
+def test_cfg_batch_left_to_its_default_still_runs_hooked_caches(tmp_path):
+    # Nothing asked: the default (auto) may make two calls for teacache/magcache/pab without a word.
+    args = sample_wan.parse_args(wan(tmp_path, "--cache", "teacache"))
+    sample_wan.check_args(args)
+    assert args.cfg_batch is False  # resolved for the CPU
+
+
+def _png(path, size=(8, 8)):
+    from PIL import Image
+
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    return str(path)
+
+
+def test_bad_image_files(tmp_path, capsys):
+    i2v = ["--task", "i2v-tiny"]
+    good = _png(tmp_path / "ok.png")
+    (tmp_path / "text.png").write_text("not an image")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(open(good, "rb").read()[:40])
+    cases = [
+        (str(tmp_path / "missing.png"), "missing.png: no such file"),
+        (str(tmp_path / "text.png"), "is not a readable image (UnidentifiedImageError"),
+        (str(cut), "is not a readable image"),
+        (str(tmp_path), "is a folder, not an image file"),
+    ]
+    for image, message in cases:
+        status, line = refused(sample_wan.main, wan(tmp_path, *i2v, "--image", image), capsys)
+        assert status == 1 and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "calibration file not found"),
+        ("{ not json", "is not a calibration file with a teacache.coefficients entry"),
+        ('{"magcache": {}}', "is not a calibration file with a teacache.coefficients entry"),
+        ('{"teacache": {"coefficients": ["a", 1]}}', "must be a non-empty list of finite numbers"),
+        ('{"teacache": {"coefficients": []}}', "must be a non-empty list of finite numbers"),
+    ],
+)
+def test_bad_calibration_files(tmp_path, capsys, content, message):
+    path = tmp_path / "calib.json"
+    if content is not None:
+        path.write_text(content)
+    flags = ["--cache", "teacache", "--teacache.coefficients", str(path)]
+    status, line = refused(sample_wan.main, wan(tmp_path, *flags), capsys)
+    assert status == 1 and message in line, line
+    magcache = ["--cache", "magcache", "--magcache.mag_ratios", str(path)]
+    status, line = refused(sample_wan.main, wan(tmp_path, *magcache), capsys)
+    assert status == 1 and "calib" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "world, extra, message",
+    [
+        (
+            "2",
+            ["--ulysses_size", "3"],
+            "--ulysses_size 3 x --ring_size 1 must equal the world size 2",
+        ),
+        ("2", ["--ring_size", "2", "--attention", "sage"], "--attention sage cannot run sequence-parallel"),
+    ],  # more rows (heads that Ulysses cannot split, FSDP with offload): tests/test_sample_wan_parallel.py
+)
+def test_bad_multi_gpu_layouts(tmp_path, capsys, monkeypatch, world, extra, message):
+    # As under torchrun (its WORLD_SIZE); every refusal comes before the process group is created.
+    monkeypatch.setenv("WORLD_SIZE", world)
+    status, line = refused(sample_wan.main, wan(tmp_path, "--ckpt_dir", TINY, *extra), capsys)
+    assert status == 2 and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_hunyuan_layouts(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["--video-size", "64", "--video-length", "5"]
+    status, line = refused(sample_hunyuan.main, [*base, "--ulysses-degree", "2"], capsys)
+    assert status == 2 and "need several processes" in line
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, line = refused(sample_hunyuan.main, [*base, "--ulysses-degree", "3"], capsys)
+    assert status == 2 and "must equal the world size 2" in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_sequence_parallel_on_cuda_without_flash_attn_needs_a_half_dtype():
+    from models.parallel import check_parallel_attention
+
+    pytest.importorskip("yunchang")
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: fp32 sequence parallelism runs it")
+    with pytest.raises(ValueError, match="needs bf16 or fp16"):
+        check_parallel_attention("auto", "cuda", torch.float32)  # no GPU needed: decided before any kernel
+    check_parallel_attention("auto", "cuda", torch.bfloat16)
 
 
 def test_outputs_that_cannot_be_written(tmp_path, capsys):
@@ -191,6 +308,65 @@ def test_headers_are_read_without_loading(tmp_path):
         safetensors_header(str(tmp_path / "b.safetensors"))
 
 
+def test_sharded_wan_dit_shapes_are_checked_from_the_headers(tiny_copy):
+    # The 14B layout: shards + diffusion_pytorch_model.safetensors.index.json (each shard's header read).
+    import dataclasses
+
+    sd = load_file(str(tiny_copy / DIT))
+    os.remove(tiny_copy / DIT)
+    keys = sorted(sd)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}  # fmt: skip
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, str(tiny_copy / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tiny_copy / f"{DIT}.index.json").write_text(json.dumps(index))
+    task = dataclasses.replace(sample_wan.TASKS["tiny"], weights=f"{DIT}.index.json")
+    assert sample_wan.check_dit_header(str(tiny_copy), task).num_heads == 2  # well-formed: passes
+    second = "diffusion_pytorch_model-00002-of-00002.safetensors"
+    part = load_file(str(tiny_copy / second))
+    part[keys[1]] = torch.zeros(3, 5)
+    save_file(part, str(tiny_copy / second))
+    with pytest.raises(ValueError, match=rf"shape mismatches: {re.escape(keys[1])}: \(3, 5\)"):
+        sample_wan.check_dit_header(str(tiny_copy), task)
+
+
+def test_hunyuan_dit_shapes_are_checked_before_loading(tmp_path):
+    from models.hunyuan import HunyuanVideoConfig, HunyuanVideoModel
+
+    config = HunyuanVideoConfig(in_channels=4, out_channels=4, hidden_size=64, heads_num=2,
+                                mm_double_blocks_depth=1, mm_single_blocks_depth=1, rope_dim_list=[8, 12, 12],
+                                text_states_dim=32, text_states_dim_2=24, guidance_embed=True)  # fmt: skip
+    sd = HunyuanVideoModel(config).state_dict()
+    path = str(tmp_path / "mp_rank_00_model_states.pt")
+    torch.save({"module": sd}, path)  # the official DeepSpeed layout
+    sample_hunyuan.check_dit_header(path, config)  # well-formed: passes
+    with pytest.raises(ValueError, match="missing keys: single_blocks.1."):  # a config of another depth
+        sample_hunyuan.check_dit_header(path, dataclasses_replace(config, mm_single_blocks_depth=2))
+    sd["final_layer.linear.bias"] = torch.zeros(3)
+    torch.save({"module": sd}, path)
+    with pytest.raises(ValueError, match=r"final_layer.linear.bias: \(3,\)"):
+        sample_hunyuan.check_dit_header(path, config)
+
+
+def test_opensora_dit_shapes_are_checked_before_loading(tmp_path):
+    from models.opensora import STDiT3, STDiT3Config
+
+    config = {"caption_channels": 32, "depth": 2, "hidden_size": 32, "in_channels": 4, "mlp_ratio": 2.0,
+              "model_max_length": 48, "num_heads": 2, "patch_size": [1, 2, 2]}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    sd = STDiT3(STDiT3Config.from_json(str(tmp_path / "config.json"))).state_dict()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    sample_opensora.check_dit_header(str(tmp_path))  # well-formed: passes
+    sd["final_layer.linear.weight"] = torch.zeros(2, 2)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"final_layer.linear.weight: \(2, 2\)"):
+        sample_opensora.check_dit_header(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_heads": 3}))
+    with pytest.raises(checks.BadFile, match="does not describe an STDiT3"):
+        sample_opensora.check_dit_header(str(tmp_path))
+
+
 # ---- outputs: names, and nothing half-written --------------------------------------------------------
 
 
@@ -232,6 +408,36 @@ def test_an_interrupted_encode_leaves_no_file(tmp_path, monkeypatch):
     assert seen == ["x.partial.mp4"] and os.listdir(tmp_path) == []
 
 
+# A process that encodes a long mp4 (400 frames of noise: seconds of libx264 work on any CPU here).
+_ENCODE = """
+import sys
+import numpy as np
+from easycache import checks
+from easycache.video import write_video
+
+checks.exit_cleanly_on_sigterm()  # as the sample scripts' __main__
+frames = np.random.default_rng(0).integers(0, 256, (400, 128, 128, 3), dtype=np.uint8)
+write_video(sys.argv[1], frames, 8)
+"""
+
+
+def test_sigterm_during_the_mp4_encode_leaves_no_file(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-c", _ENCODE, str(tmp_path / "x.mp4")], env=env, cwd=ROOT)
+    partial, deadline = tmp_path / "x.partial.mp4", time.monotonic() + 120
+    while not partial.exists():  # ffmpeg has opened its output: the encode is under way
+        assert proc.poll() is None and time.monotonic() < deadline, "the encode never started"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM  # killed mid-encode, not finished
+    time.sleep(0.5)  # ffmpeg (a child of the killed process) is gone or writes to an unlinked file
+    assert os.listdir(tmp_path) == []
+
+
 def test_sigterm_unwinds_so_cleanup_runs():
     before = signal.getsignal(signal.SIGTERM)
     try:
@@ -244,14 +450,19 @@ def test_sigterm_unwinds_so_cleanup_runs():
 
 
 def test_constants_repeated_for_light_imports_match_their_source():
-    # The scripts and easycache.cli repeat a few names so that parsing and checking import no torch.
-    from easycache import cli
-    from easycache.cache import K_UPDATES
+    # The scripts repeat a few names of models/ so that parsing and checking import no torch.
+    from models import hunyuan, hunyuan_text
+    from models.attention import BACKENDS
+    from models.flags import BACKENDS as FLAG_BACKENDS
     from models.opensora import HUB_REPO
     from models.opensora_text import DEFAULT_AES, T5_REPO_ID
     from models.opensora_vae import REPO_ID
+    from models.wan_clip import CLIP_FILE
     from models.wan_vae import WAN_VAE_FILE
 
-    assert cli.K_UPDATES == K_UPDATES and sample_wan.WAN_VAE_FILE == WAN_VAE_FILE
+    assert BACKENDS is FLAG_BACKENDS
+    assert sample_wan._WAN_FILES[1] == WAN_VAE_FILE and sample_wan._CLIP_FILE == CLIP_FILE
+    assert (sample_hunyuan.CKPT_FILE, sample_hunyuan.DIT_REPO) == (hunyuan.CKPT_FILE, hunyuan.HUB_REPO)
+    assert sample_hunyuan.PARTS_REPO == hunyuan_text.HUB_REPO
     assert [repo for repo, *_ in sample_opensora.CHECKPOINTS.values()] == [HUB_REPO, REPO_ID, T5_REPO_ID]
     assert sample_opensora.parse_args([]).aes == DEFAULT_AES

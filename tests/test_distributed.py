@@ -4,6 +4,7 @@ import os
 import tempfile
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -96,19 +97,85 @@ def _divergent_worker(rank, world, init_file, out_dir):
     cache = EasyCache(config, N_STEPS, decision_group=dist.group.WORLD)
     pattern, x = trajectory(x0, sharded_dit, cache)
     notes = [r["note"] for r in cache.trace if r["note"]]
-    torch.save({"pattern": pattern, "x": x, "notes": notes}, os.path.join(out_dir, f"rank{rank}.pt"))
+    res = {"pattern": pattern, "x": x, "notes": notes, **_hook_checks(rank, world)}
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_a_divergent_decision_is_overridden_by_rank_0():
+@pytest.fixture(scope="module")
+def divergent_results():
+    """One 2-rank run (a spawn costs ~10 s) for the step decisions and the in-DiT (hook) decisions."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_divergent_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+
+
+def test_a_divergent_decision_is_overridden_by_rank_0(divergent_results):
     x0, model = make_problem()
     want_pattern, want_x = trajectory(x0, model, EasyCache(EasyCacheConfig(thresh=0.1, warmup=4), N_STEPS))
     assert "S" in want_pattern
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_divergent_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    results = divergent_results
     assert [r["pattern"] for r in results] == [want_pattern, want_pattern]
     for r in results:  # v + v then / 2 is exact: the same trajectory bit for bit
         assert torch.equal(r["x"], want_x)
     assert results[0]["notes"] == []
     assert len(results[1]["notes"]) == want_pattern.count("S")  # every skip was overridden on rank 1
+
+
+def half_still_probes() -> list:
+    """TeaCache probes whose first half never moves (what rank 0 would hold of a still region)."""
+    from tests.test_hook_caches import random_probes
+
+    probes = random_probes(12)
+    for step in probes:
+        for p in step.values():
+            p["e"][:4] = 1.0
+    return probes
+
+
+def _hook_checks(rank: int, world: int) -> dict:
+    from easycache import TeaCache, TeaCacheConfig
+    from tests.test_hook_caches import run, toy_dit
+
+    probes, res = half_still_probes(), {}
+    # Sequence parallelism: each rank holds half of every probe (split=("e",)): the relative L1 change is
+    # reduced over the ranks, so the decisions are those of one process on the whole probes (rank 0's half
+    # alone never changes: deciding on it would skip every call after the first).
+    cache = TeaCache(
+        TeaCacheConfig(rel_l1_thresh=0.05, coefficients=(1.0, 0.0)), 12, decision_group=dist.group.WORLD
+    )
+    ran = []
+    for i, step in enumerate(probes):
+        x = torch.full((1, 4, 3), 1.0 - 0.01 * i)
+        assert cache.should_compute(i, x)
+        v = {}
+        for b in ("cond", "uncond"):
+            hook, half = cache.hook(b), {"e": step[b]["e"].chunk(world)[rank]}
+            if not hook.compute_blocks(x, half, split=("e",)):
+                v[b] = hook.reuse_blocks(x)
+            else:
+                v[b] = toy_dit(None, x, half)[0]
+                hook.store_blocks(x, v[b])
+            ran.append(hook.ran_blocks)
+        cache.update(x, v)
+    res["split"] = ran
+    # Rank 1 would never skip (τ = 0): rank 0's decision of every DiT call is taken on both.
+    cfg = TeaCacheConfig(rel_l1_thresh=0.05 if rank == 0 else 0.0, coefficients=(1.0, 0.0))
+    cache = TeaCache(cfg, 12, decision_group=dist.group.WORLD)
+    res["divergent"] = run(cache, probes)
+    res["reasons"] = [reason for r in cache.trace for reason in r.get("branch_reasons", {}).values()]
+    return res
+
+
+def test_hook_decisions_use_reduced_statistics_and_follow_rank_0(divergent_results):
+    from easycache import TeaCache, TeaCacheConfig
+    from tests.test_hook_caches import run
+
+    want = run(TeaCache(TeaCacheConfig(rel_l1_thresh=0.05, coefficients=(1.0, 0.0)), 12), half_still_probes())
+    assert not all(want) and sum(want) > 4  # some calls skipped, some computed
+    results = divergent_results
+    for r in results:
+        assert r["split"] == want  # sums over the halves: the whole probe's statistic, up to rounding
+        assert r["divergent"] == want
+    assert "rank0_reuse" not in results[0]["reasons"]
+    assert results[1]["reasons"].count("rank0_reuse") == want.count(False)  # every skip was rank 0's

@@ -10,6 +10,7 @@ from easycache import EasyCache, EasyCacheConfig
 from models.attention import BACKENDS, attention, check_backend, flash_attn_module, sage_attn_module
 from models.fast import cfg_batch_default, check_speed_args, compile_blocks
 from models.hunyuan import HunyuanVideoConfig, HunyuanVideoModel, guidance_input
+from models.opensora import STDiT3, STDiT3Config
 from models.wan import WanConfig, WanModel
 
 WAN = WanConfig(text_len=8, dim=32, ffn_dim=64, text_dim=16, num_heads=2, num_layers=3, freq_dim=32)
@@ -18,6 +19,9 @@ HUNYUAN = HunyuanVideoConfig(
     mm_single_blocks_depth=2, rope_dim_list=(4, 6, 6), text_states_dim=16, text_states_dim_2=8,
     guidance_embed=True,
 )  # fmt: skip
+OPENSORA = STDiT3Config(
+    hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0, caption_channels=16, model_max_length=6
+)
 
 
 def wan_inputs(batch: int = 1):
@@ -55,6 +59,18 @@ def test_models_take_the_backend_explicitly():
     assert torch.equal(ours(x, t, ctx), ref(x, t, ctx))  # sdpa is what auto runs on the CPU
     hy = HunyuanVideoModel(HUNYUAN, attn_backend="sdpa")
     assert {m.attn_backend for m in hy.modules() if hasattr(m, "attn_backend")} == {"sdpa"}
+    # OpenSora: the self- and cross-attention of every spatial and temporal block
+    torch.manual_seed(0)
+    ref = STDiT3(OPENSORA).eval()
+    ours = STDiT3(OPENSORA, attn_backend="sdpa").eval()
+    ours.load_state_dict(ref.state_dict())
+    backends = [m.attn_backend for m in ours.modules() if hasattr(m, "attn_backend")]
+    assert set(backends) == {"sdpa"} and len(backends) == 2 * 2 * OPENSORA.depth
+    x = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # auto is SDPA on the CPU: the same kernels by construction, so the same bits
+        assert torch.equal(
+            opensora_call(ours, x[:1], torch.tensor(700.0)), opensora_call(ref, x[:1], torch.tensor(700.0))
+        )
 
 
 @pytest.mark.parametrize("backend", ["flash", "sage"])
@@ -124,18 +140,38 @@ def hunyuan_call(model, x, t):
     return model(x, t.expand(1), states, mask, pooled, guidance_input(6.0, 1, dtype=torch.float32))
 
 
+def opensora_call(model, x, t):
+    """One batched CFG call as sample_opensora.py makes it ([z; z] with [y; y_null], the prompt's mask once)
+    and the guided velocity [1, 4, T, H, W]."""
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(1, 1, 6, 16, generator=g)
+    y = torch.cat([y, model.y_embedder.y_embedding[None, None]])  # [2, 1, L, Dc]: cond, null caption
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    fps, size = torch.tensor([24.0]), torch.tensor([64.0])  # once for the pair, as the script passes them
+    pred = model(torch.cat([x, x]), t.expand(2), y, mask, fps, size, size)[:, :4]  # velocity, not sigma
+    return pred[1:] + 7.0 * (pred[:1] - pred[1:])
+
+
+FAMILIES = {  # model, call, latent channels
+    "wan": (lambda: WanModel(WAN), wan_call, 16),
+    "hunyuan": (lambda: HunyuanVideoModel(HUNYUAN), hunyuan_call, 4),
+    "opensora": (lambda: STDiT3(OPENSORA), opensora_call, 4),
+}
+
+
 @pytest.mark.parametrize(
-    "family,graphs", [("wan", 1), ("hunyuan", 2)]
-)  # one graph per block kind: Wan's blocks; HunyuanVideo's double and single blocks
+    "family,graphs", [("wan", 1), ("hunyuan", 2), ("opensora", 2)]
+)  # one graph per block kind: Wan's blocks; HunyuanVideo's double and single blocks; OpenSora's spatial
+# and temporal blocks (one class, two graphs: dynamo guards on the block's `temporal` flag)
 def test_blocks_compile_once_for_the_whole_run(family, graphs):
     """Every block of a kind shares one compiled graph, and nothing recompiles across steps, across computed
     and skipped steps, or across a second generation: the compiled-graph count stays at its first-step value.
     aot_eager traces exactly what inductor would get (the dynamo frames and guards are the same) in a tenth
     of the time; test_inductor_compile_matches_eager runs the real backend."""
     torch.manual_seed(0)
-    model = (WanModel(WAN) if family == "wan" else HunyuanVideoModel(HUNYUAN)).eval()
-    call = wan_call if family == "wan" else hunyuan_call
-    x = torch.randn(1, 16 if family == "wan" else 4, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    build, call, channels = FAMILIES[family]
+    model = build().eval()
+    x = torch.randn(1, channels, 2, 4, 4, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         eager, eager_steps = sample(model, call, 8, EasyCache(EasyCacheConfig(thresh=0.3, warmup=2), 8), x)
         torch._dynamo.reset()
@@ -193,3 +229,38 @@ def test_placement_records_the_device_read_back():
     split = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
     with pytest.raises(ValueError, match="spread over"):
         module_device(split)
+
+
+def test_pab_under_compile_decides_outside_the_graph():
+    """PAB decides per attention inside each block: its decision runs eagerly (torch.compiler.disable), the
+    block graph breaks around the attention, and nothing recompiles across steps (traced, the step-dependent
+    branch would recompile every block at every step until dynamo gives up)."""
+    from easycache.pab import PAB, PABConfig
+
+    torch.manual_seed(0)
+    model = WanModel(WAN).eval()
+    x, ctx = wan_inputs()
+    steps, ts = 6, torch.linspace(999, 1, 6)
+
+    def run():
+        cache = PAB(PABConfig(), steps, timesteps=ts.tolist())
+        outs = []
+        for i in range(steps):
+            assert cache.should_compute(i, x)
+            v = model(x, ts[i : i + 1], ctx, cache=cache.hook("cond"))
+            cache.update(x, {"cond": v})
+            outs.append(v)
+        return torch.stack(outs), cache.stats["attention"]
+
+    with torch.no_grad():
+        eager, eager_counts = run()
+        torch._dynamo.reset()
+        counters.clear()
+        compile_blocks(model, backend="aot_eager")
+        run()
+        first = dict(counters["stats"])
+        out, counts = run()
+    assert counts == eager_counts and counts["spatial"]["broadcast"] > 0  # the same broadcasts
+    assert dict(counters["stats"]) == first and not counters["recompiles"]
+    assert first["unique_graphs"] <= 4  # the block's pieces around its PAB calls, once
+    assert ((out - eager).norm() / eager.norm()).item() < 1e-5  # aot_eager: fp32 rounding at most

@@ -8,8 +8,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import gpu_check
-from benchmarks.flops import hunyuan_forward_flops, wan_forward_flops
+from benchmarks.flops import hunyuan_forward_flops, opensora_forward_flops, wan_forward_flops
 from models.hunyuan import HunyuanVideoConfig, HunyuanVideoModel, guidance_input
+from models.opensora import STDiT3, STDiT3Config
 from models.wan import WanConfig, WanModel
 
 
@@ -48,6 +49,20 @@ def test_hunyuan_flops_equal_torch_flop_counter():
     assert sum(flops.values()) == counted(HunyuanVideoModel(cfg).eval(), *args)
 
 
+def test_opensora_flops_equal_torch_flop_counter():
+    cfg = STDiT3Config(
+        hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0, caption_channels=16, model_max_length=6
+    )
+    b, one = (
+        2,
+        torch.tensor([64.0]),
+    )  # the CFG pair; fps and sizes once for the pair, as the script passes them
+    args = (torch.randn(b, 4, 3, 4, 5), torch.tensor([500.0] * b), torch.randn(b, 1, 6, 16),
+            torch.tensor([[1, 1, 1, 1, 0, 0]]), torch.tensor([24.0]), one, one)  # fmt: skip
+    flops = opensora_forward_flops(cfg, (3, 4, 5), batch=b)  # W 5 is padded to 6: a 3x2x3 patch grid
+    assert sum(flops.values()) == counted(STDiT3(cfg).eval(), *args)
+
+
 def test_real_size_counts_are_plausible():
     """Wan2.1-1.3B at 832x480x81: 32,760 tokens; ~2 x 1.3e9 x 32,760 FLOPs of weights plus attention."""
     from models.wan import WAN_CONFIGS
@@ -73,9 +88,82 @@ def test_small_run_writes_json_and_markdown(tmp_path):
     ]["flops"]
     assert all(r["median_s"] > 0 and r["cpu_s"] > 0 for r in case["rows"])
     assert case["summary"]["compile_speedup"] is None and case["summary"]["decision_over_dit_call"] > 0
+    assert case["summary"]["attention_rel_diff_vs_sdpa"] is None  # the rows ran on SDPA itself
     assert case["cache"]["skipped_step_s"] >= case["cache"]["decision_s"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| Wan tiny (demo) 64x64x17 | ours (sdpa) --cfg_batch | 2 |" in table and result == saved
+    assert 0 < case["seconds"] <= saved["environment"]["total_seconds"]  # the duration is reported
+
+
+def test_small_opensora_run_has_ours_only(tmp_path):
+    """OpenSora 1.2 has no diffusers class and always batches its CFG pair: ours, batch 2, with the cache
+    costs against that one call."""
+    out = tmp_path / "gc"
+    argv = [
+        "--small",
+        "--models",
+        "opensora",
+        "--no-compile",
+        "--warmup",
+        "1",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    (case,) = gpu_check.main(argv)["cases"]
+    assert case["tokens"] == 5 * 8 * 8 and case["rel_diff_vs_diffusers"] is None
+    assert [(r["label"], r["batch"]) for r in case["rows"]] == [("ours (sdpa) (batched CFG, as always)", 2)]
+    s = case["summary"]
+    assert (
+        s["ours_over_diffusers_time"] is None
+        and s["cfg_batch_speedup"] is None
+        and s["compile_speedup"] is None
+    )
+    assert 0 < s["decision_over_dit_call"] and 0 < s["skipped_over_computed_step"] < 1
+    assert "| OpenSora small 128x128x17 | n/a | n/a | n/a | n/a |" in (out / "gpu_check.md").read_text()
+
+
+def test_another_attention_kernel_is_compared_with_sdpa(tmp_path, monkeypatch):
+    """With --attention flash or sage (CUDA only) ours is rebuilt on that kernel and its output compared with
+    SDPA's on the same inputs. On the CPU "auto" stands in for it: it runs SDPA, so the difference is 0."""
+    monkeypatch.setattr(gpu_check, "resolve_backend", lambda *args: "auto")
+    out = tmp_path / "gc"
+    argv = [
+        "--small",
+        "--models",
+        "opensora",
+        "--no-compile",
+        "--warmup",
+        "1",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    (case,) = gpu_check.main(argv)["cases"]
+    assert case["summary"]["attention_rel_diff_vs_sdpa"] == 0.0 and case["rows"][0]["attention"] == "auto"
+    assert "| 0.00e+00 |" in (out / "gpu_check.md").read_text()
+
+
+def test_a_spent_budget_leaves_compiled_rows_and_models_out_with_a_note(tmp_path):
+    """--budget-min: a compiled row whose estimated time (60 s per block kind before any was measured) would
+    overrun the budget is left out, and so is a model once the budget is spent; both are named."""
+    out = tmp_path / "gc"
+    argv = ["--small", "--models", "wan,opensora", "--budget-min", "0.01", "--warmup", "1", "--reps", "1",
+            "--out", str(out)]  # fmt: skip
+    result = gpu_check.main(argv)
+    (case,) = result["cases"]  # Wan ran (models run in a fixed order); the budget (0.6 s) was spent after it
+    assert case["family"] == "wan" and not any(r["compiled"] for r in case["rows"]) and len(case["rows"]) == 3
+    assert case["summary"]["compile_speedup"] is None and case["summary"]["compile_cfg_batch_speedup"] is None
+    assert [n.split(":")[0] for n in case["skipped"]] == [
+        "ours --compile (B=1)",
+        "ours --compile --cfg_batch (B=2)",
+    ]
+    assert result["environment"]["skipped"] == [
+        "OpenSora small 128x128x17: the 0.01-minute budget (--budget-min) was spent"
+    ]
+    assert "Left out to stay within the time budget: OpenSora small" in (out / "gpu_check.md").read_text()
 
 
 def test_bad_flags_and_a_missing_gpu_fail_early(tmp_path):
@@ -83,5 +171,7 @@ def test_bad_flags_and_a_missing_gpu_fail_early(tmp_path):
         with pytest.raises(SystemExit, match="error: no CUDA device"):
             gpu_check.main(["--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="error: --models"):
-        gpu_check.main(["--small", "--models", "opensora", "--out", str(tmp_path)])
+        gpu_check.main(["--small", "--models", "ltx", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="error: --budget-min"):
+        gpu_check.main(["--small", "--budget-min", "-1", "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []

@@ -114,9 +114,10 @@ def test_bf16_matches_official(golden, case):
     assert rel_err(out, golden[f"expected.{case}.bf16"].float()) <= 2e-2
 
 
-def upstream_attention(q, k, v, *, k_lens=None, mask=None, scale=None):
+def upstream_attention(q, k, v, *, k_lens=None, mask=None, scale=None, backend="auto"):
     """The attention arithmetic of the golden run: self-attention by upstream's math path (scale, q·kᵀ in the
-    input dtype, fp32 softmax, cast back), cross-attention as one packed block-diagonal SDPA call."""
+    input dtype, fp32 softmax, cast back), cross-attention as one packed block-diagonal SDPA call. `backend`
+    (the model's --attention choice) is ignored: this emulates one fixed kernel."""
     if k_lens is None:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, Nh, L, Dh]
         probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float().softmax(-1).to(q.dtype)

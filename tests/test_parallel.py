@@ -12,12 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
+from benchmarks.loader_memory import write_checkpoint
 from models.attention import attention
 from models.fsdp import shard_model, sharded_fraction
 from models.hunyuan import HunyuanVideoModel
 from models.parallel import check_layout, init_sequence_parallel, register_cpu_flash_attention, valid_layouts
-from models.wan import WanConfig, WanModel, cast_wan
+from models.wan import WanConfig, WanModel, cast_wan, load_wan
 from tests.test_hunyuan_model import TINY as HUNYUAN_TINY
 from tests.test_hunyuan_model import randomize_, tiny_inputs
 
@@ -43,7 +45,7 @@ def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def _worker(rank, world, init_file, out_dir, layout):
+def _worker(rank, world, init_file, out_dir, layout, ckpt):
     init_gloo(rank, world, init_file)
     sp = init_sequence_parallel(*layout, device=torch.device("cpu"), dtype=torch.float32)
     res = {}
@@ -83,13 +85,31 @@ def _worker(rank, world, init_file, out_dir, layout):
         randomize_(hy)
         inputs = tiny_inputs()  # batch 2, text lengths 7 and 4 of 7
         res["hunyuan"] = _relative(hy(*inputs, sp=sp), hy(*inputs))
+
+        # --dit_fsdp's loader: sharded on the meta device, then each rank copies only its rows of every
+        # tensor from the six-shard official layout (the cast happens in that copy).
+        x, ctx = torch.randn(1, 16, 3, 8, 6), torch.randn(1, 5, 32)
+        for dtype in (torch.float32, torch.bfloat16):
+            whole = load_wan(ckpt, dtype=dtype)  # every rank the whole model: the reference
+            sharded = load_wan(ckpt, dtype=dtype, fsdp=True)
+            name = f"load_{str(dtype).split('.')[-1]}"
+            res[f"{name}_fraction"] = sharded_fraction(sharded)
+            res[f"{name}_dtensors"] = all(isinstance(p, DTensor) for p in sharded.parameters())
+            full = {k: v.full_tensor() for k, v in sharded.state_dict().items()}
+            res[f"{name}_weights"] = full.keys() == whole.state_dict().keys() and all(
+                full[k].dtype == v.dtype and torch.equal(full[k], v) for k, v in whole.state_dict().items()
+            )
+            res[f"{name}_forward"] = torch.equal(sharded(x, t, ctx, sp=sp), whole(x, t, ctx, sp=sp))
+            res[f"{name}_fraction_after"] = sharded_fraction(sharded)  # the root resharded too
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def results(request):
-    return spawn(_worker, 2, LAYOUTS[request.param])
+def results(request, tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("wan_six_shards")
+    write_checkpoint(str(ckpt), WAN_T2V)  # random fp32 weights in six shards + index, as the 14B ships
+    return spawn(_worker, 2, LAYOUTS[request.param], str(ckpt))
 
 
 def test_attention_equals_one_process(results):
@@ -113,6 +133,16 @@ def test_fsdp_holds_half_the_weights_and_equals_unsharded(results):
     for r in results:
         assert r["fsdp_bf16_equal"] and r["fsdp_sp_equal"]
         assert 0.45 < r["fsdp_fraction"] <= 0.55  # 1/2, up to the padding of odd first dimensions
+
+
+def test_fsdp_load_reads_each_ranks_half_and_equals_the_whole_load(results):
+    for r in results:
+        for name in ("load_float32", "load_bfloat16"):
+            # Each rank's rows are the unsharded load's rows, cast element by element: bitwise by
+            # construction; the forward all-gathers exactly those weights, same kernels: bitwise too.
+            assert r[f"{name}_weights"] and r[f"{name}_forward"] and r[f"{name}_dtensors"], name
+            assert 0.45 < r[f"{name}_fraction"] <= 0.55  # 1/2, up to odd first dimensions
+            assert r[f"{name}_fraction_after"] == r[f"{name}_fraction"]  # still 1/2 after a forward
 
 
 def test_layouts_are_checked_with_the_valid_ones_named():

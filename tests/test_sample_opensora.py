@@ -229,3 +229,37 @@ def test_missing_files_are_named(ckpt, tmp_path, part, name):
     with pytest.raises(SystemExit, match=rf"lacks {name}; fetch them with: hf download \S+ {name} "):
         run(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_attention_sdpa_is_the_default_bit_for_bit_and_compile_wraps_the_blocks(ckpt, pipe):
+    """--attention sdpa runs the kernel that the default (auto) runs on the CPU, so the generation is the same
+    bits; --compile compiles every spatial and temporal block and nothing else (the loop stays eager)."""
+
+    def load(*extra):
+        args = sample_opensora.parse_args([*flags(ckpt), *extra])
+        sample_opensora.check_args(args, TINY_VAE)
+        return sample_opensora.OpenSoraT2V(ckpt, args, TINY_VAE)
+
+    def backends(p):
+        return {m.attn_backend for m in p.dit.modules() if hasattr(m, "attn_backend")}
+
+    sdpa, fast = load("--attention", "sdpa"), load("--attention", "sdpa", "--compile")
+    assert backends(sdpa) == backends(fast) == {"sdpa"} and backends(pipe) == {"auto"}
+    compiled = [m for m in fast.dit.modules() if m._compiled_call_impl is not None]  # nn.Module.compile
+    assert compiled == [*fast.dit.spatial_blocks, *fast.dit.temporal_blocks]
+    assert not [m for m in sdpa.dit.modules() if m._compiled_call_impl is not None]
+    cache = EasyCacheConfig(thresh=0.2, warmup=2)
+    ours, ref = sdpa.generate(PROMPT, 5, cache), pipe.generate(PROMPT, 5, cache)
+    assert torch.equal(ours.latents, ref.latents)
+    assert ours.cache_stats["computed_steps"] == ref.cache_stats["computed_steps"]
+    assert 0 < ours.cache_stats["num_skipped"] < STEPS - 2  # computed and skipped steps both compared
+
+
+def test_an_attention_kernel_that_cannot_run_is_refused_before_loading(ckpt, tmp_path):
+    from models.attention import flash_attn_module
+
+    if flash_attn_module() is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(SystemExit, match="error: --attention flash needs flash-attn"):
+        run(ckpt, tmp_path / "out", "--attention", "flash")
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _hook_configs() -> dict:
+    """The demo's TeaCache (its calibrated polynomial, τ 0.15: 6 of 12 steps computed) and MagCache (its
+    calibrated ratios: 5 of 12), the caches that decide inside the DiT on each rank."""
+    configs = {}
+    for name, extra in (("teacache", ["--teacache.rel_l1_thresh", "0.15"]), ("magcache", [])):
+        args = sample_wan.parse_args(["--task", "tiny", *STEPS, "--cache", name, *extra])
+        sample_wan.check_args(args)
+        configs[name] = cache_config(args)
+    return configs
+
+
 def _worker(rank, world, port, out_dir):
     # What torchrun sets for each process (init_distributed reads it).
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
@@ -41,11 +52,16 @@ def _worker(rank, world, port, out_dir):
     pipe = sample_wan.WanT2V(sample_wan.TASKS["tiny"], CKPT, args, launch)
     config, res = cache_config(args), {}
     res["ulysses"] = pipe.generate(PROMPT, 1, config)
-    pipe.sp = init_sequence_parallel(1, 2, device=torch.device("cpu"), dtype=torch.float32)
+    ulysses, pipe.sp = pipe.sp, init_sequence_parallel(1, 2, device=torch.device("cpu"), dtype=torch.float32)
     res["ring"] = pipe.generate(PROMPT, 1, config)
+    pipe.sp, hook_configs = ulysses, _hook_configs()
+    for name, hook_config in hook_configs.items():
+        res[name] = pipe.generate(PROMPT, 1, hook_config)
     if rank == 0:  # the same pipeline as one process: no sequence parallelism, no decision broadcast
         pipe.sp = pipe.decision_group = None
         res["one"] = pipe.generate(PROMPT, 1, config)
+        for name, hook_config in hook_configs.items():
+            res[f"one_{name}"] = pipe.generate(PROMPT, 1, hook_config)
     keep = {k: (g.latents, g.cache_stats, g.frames) for k, g in res.items()}
     torch.save(keep, os.path.join(out_dir, f"rank{rank}.pt"))
     launch.close()
@@ -71,6 +87,18 @@ def test_parallel_generation_equals_one_process(generations, layout):
         err = float((latents - one_latents).norm() / one_latents.norm())
         assert err <= 1e-5, err
         assert (frames is None) == (rank != 0)  # rank 0 alone decodes
+
+
+@pytest.mark.parametrize("method", ["teacache", "magcache"])
+def test_hook_caches_under_ulysses_compute_the_steps_of_one_process(generations, method):
+    # Wan's TeaCache probe (the time embedding) is whole on every rank and MagCache reads no tensor, so their
+    # decisions are the single process's; rank 0's decision of every DiT call is broadcast all the same.
+    one_latents, one_stats, _ = generations[0][f"one_{method}"]
+    assert one_stats["nfe_ratio"] >= 2.0
+    for res in generations:
+        latents, stats, _ = res[method]
+        assert stats["computed_steps"] == one_stats["computed_steps"]
+        assert float((latents - one_latents).norm() / one_latents.norm()) <= 1e-5  # as above
 
 
 @pytest.mark.slow
