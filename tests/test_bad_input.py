@@ -205,6 +205,8 @@ def test_outputs_that_cannot_be_written(tmp_path, capsys):
         (["--flow-shift", "-1"], "--flow-shift must be > 0"),
         (["--seed", "-5"], "--seed must be in"),
         (["--save-path", "x.avi"], "videos are written as .mp4"),
+        (["--cache", "magcache", "--cfg-batch"], "magcache acts inside the DiT"),
+        (["--magcache.magcache_thresh", "inf", "--cache", "magcache"], "magcache_thresh must be a finite"),
     ],
 )
 def test_hunyuan_bad_flags(tmp_path, capsys, monkeypatch, extra, message):
@@ -221,6 +223,8 @@ def test_hunyuan_bad_flags(tmp_path, capsys, monkeypatch, extra, message):
         (["--aes", "nan"], "--aes must be a finite number"),
         (["--sample-name", "../../x"], "--sample-name must be a file name"),
         (["--seed", "18446744073709551616"], "--seed must be in"),
+        (["--cache", "pab", "--pab.spatial_range", "0"], "PABConfig.spatial_range must be an int >= 1"),
+        (["--cfg_batch"], "unrecognized arguments: --cfg_batch"),  # OpenSora batches CFG always
     ],
 )
 def test_opensora_bad_flags(tmp_path, capsys, monkeypatch, extra, message):
