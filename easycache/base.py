@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .forecast import DeltaForecast
+
 Branches = Tensor | dict[str, Tensor]
 
 _SINGLE = "v"  # internal branch name when the caller passes a plain tensor
@@ -32,6 +34,7 @@ class StepCache:
         num_steps: int,
         *,
         reuse_output: bool = False,
+        forecast: str = "none",
         branch: str | None = None,
         group: dist.ProcessGroup | None = None,
         decision_group: dist.ProcessGroup | None = None,
@@ -43,6 +46,8 @@ class StepCache:
             raise ValueError(f"first_step must be an int in [0, {num_steps}), got {first_step!r}")
         self.num_steps = num_steps
         self.reuse_output = reuse_output
+        # Δ on skipped steps: reused as it is ("none", the paper) or forecast (easycache.forecast, issue 25)
+        self._forecast = DeltaForecast(forecast) if forecast != "none" else None
         self.branch = branch  # the branch whose output the statistics read (None: the first one)
         # With a process group, every norm is reduced over all ranks, so ranks that hold different samples
         # of one batch still take the same decision (as if the whole batch were on one device).
@@ -132,6 +137,10 @@ class StepCache:
             raise ValueError(f"the statistics read branch {self.branch!r}, but update() got {list(branches)}")
         self._observe(x, branches[self.branch if self.branch is not None else self._names[0]])
         self._delta = {name: b - x for name, b in branches.items()}  # Δ_t = v_t − x_t
+        if self._forecast is not None:
+            self._forecast.push(
+                self._step, self._delta, self.branch if self.branch is not None else self._names[0]
+            )
         self._last_x = x.detach().clone()
         self._records[-1]["dit_seconds"] = dit_seconds
         self._pending = None
@@ -147,7 +156,8 @@ class StepCache:
             raise RuntimeError("reuse() before any update(): no transformation vector is cached yet")
         # `reuse_output` is the naive cache the paper improves on: hand back v_i itself (x_i + Δ_i).
         base = self._last_x if self.reuse_output else x
-        out = {name: base + d for name, d in self._delta.items()}
+        delta = self._delta if self._forecast is None else self._forecast.at(self._step)
+        out = {name: base + d for name, d in delta.items()}
         self._pending = None
         return out if self._is_dict else out[_SINGLE]
 

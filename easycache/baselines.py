@@ -26,7 +26,7 @@ class StaticCache(StepCache):
     ):
         if not isinstance(config, StaticCacheConfig):
             raise TypeError(f"config must be a StaticCacheConfig, got {type(config).__name__}")
-        super().__init__(num_steps, group=group, decision_group=decision_group)
+        super().__init__(num_steps, forecast=config.forecast, group=group, decision_group=decision_group)
         if config.warmup >= num_steps:
             raise ValueError(
                 f"StaticCacheConfig.warmup (R={config.warmup}) must be smaller than the {num_steps} "

@@ -46,7 +46,8 @@ class EasyCache(StepCache):
     ):
         if not isinstance(config, EasyCacheConfig):
             raise TypeError(f"config must be an EasyCacheConfig, got {type(config).__name__}")
-        kw = dict(reuse_output=config.reuse_output, branch=config.branch, group=group, first_step=first_step)
+        kw = dict(reuse_output=config.reuse_output, forecast=config.forecast, branch=config.branch)
+        kw.update(group=group, first_step=first_step)
         super().__init__(num_steps, **kw, decision_group=decision_group)
         if config.warmup >= num_steps:
             raise ValueError(
@@ -56,6 +57,9 @@ class EasyCache(StepCache):
         self.config = config
         self.k: float | None = None  # k_i as used in ε (host float)
         self.acc = 0.0  # E_t
+        self.integral = 0.0  # S_t (accumulate="integral")
+        self.run = 0  # skipped steps in a row (max_skips)
+        self._before_reset = (0.0, 0.0, 0)  # (E, S, run) before the last threshold reset
         self._num_rates = 0  # finite rates folded into k (for "mean")
         self._new_rates: list[Tensor] = []  # rates measured since the last host sync, still on the device
         self._last_v_norm: Tensor | None = None  # ‖v_i‖ of the last computed step (first branch)
@@ -64,7 +68,8 @@ class EasyCache(StepCache):
     def _decide(self, step: int, x: Tensor, record: dict) -> tuple[bool, str]:
         cfg = self.config
         if step < cfg.warmup or (cfg.compute_last and step == self.num_steps - 1):
-            self.acc = 0.0  # warm-up and the last step always compute and reset E
+            self.acc = self.integral = 0.0  # warm-up and the last step always compute and reset E
+            self.run = 0
             record["acc"] = 0.0
             return True, "warmup" if step < cfg.warmup else "last_step"
         # One host sync per decision: fetch ‖x_t − x_{t−1}‖, ‖v_i‖ and the rates measured since the last
@@ -82,7 +87,8 @@ class EasyCache(StepCache):
         if bad_rate or not (math.isfinite(input_change) and math.isfinite(last_v_norm) and last_v_norm > 0):
             # A zero denominator (no input change between the two computed steps, an all-zero output) or a
             # non-finite statistic: the prediction is meaningless, so compute and start afresh.
-            self.acc = 0.0
+            self.acc = self.integral = 0.0
+            self.run = 0
             record["note"] = "degenerate statistic: " + (
                 "transformation rate is not finite"
                 if bad_rate
@@ -91,11 +97,17 @@ class EasyCache(StepCache):
             return True, "degenerate"
         eps = self.k * input_change / last_v_norm  # ε_t = k_i ‖x_t − x_{t−1}‖ / ‖v_i‖
         self.acc += eps  # E_t = E_{t−1} + ε_t
-        record["eps"], record["acc"] = eps, self.acc
-        if self.acc < cfg.thresh:
+        self.integral += self.acc  # S_t = S_{t−1} + E_t (accumulate="integral")
+        measure = self.acc if cfg.accumulate == "change" else self.integral
+        record["eps"], record["acc"] = eps, measure
+        capped = cfg.max_skips and self.run >= cfg.max_skips
+        if measure < cfg.thresh and not capped:
+            self.run += 1
             return False, "reuse"
-        self.acc = 0.0  # E_t ≥ τ: compute this step and restart the accumulation
-        return True, "threshold"
+        self._before_reset = (self.acc, self.integral, self.run)  # for _follow, should rank 0 have skipped
+        self.acc = self.integral = 0.0  # E_t ≥ τ: compute this step and restart the accumulation
+        self.run = 0
+        return True, "threshold" if not capped or measure >= cfg.thresh else "max_skips"
 
     def _observe(self, x: Tensor, v: Tensor) -> None:
         if self._last_v is not None:
@@ -112,9 +124,11 @@ class EasyCache(StepCache):
         # Rank 0 computed: E restarts, as after any computed step. Rank 0 skipped: E_t stays accumulated
         # (this rank's E_t, which reached τ here, equals rank 0's but for the last bits).
         if compute:
-            self.acc = 0.0
+            self.acc = self.integral = 0.0
+            self.run = 0
         elif record["acc"] is not None:
-            self.acc = record["acc"]
+            self.acc, self.integral, run = self._before_reset
+            self.run = run + 1
 
     def _fold_rates(self, rates: list[float]) -> bool:
         """Fold newly measured rates into k; True if the newest one is not finite (a zero denominator)."""

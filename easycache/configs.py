@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 from .published import MAG_RATIOS
 
-# EasyCache (cache.py): the paper's runtime-adaptive criterion.
+# EasyCache (cache.py): the paper's runtime-adaptive criterion, and issue 25's variants (forecast.py).
 K_UPDATES = ("local", "mean", "ema")
+FORECASTS = ("none", "linear", "fitted")
+ACCUMULATE = ("change", "integral")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,20 @@ class EasyCacheConfig:
     """Ablation: on a skipped step return the last computed output v_i itself instead of x_t + Δ_i (the
     naive output cache that the transformation vector improves on; commented out in the authors' code)."""
 
+    forecast: str = "none"
+    """Variant (issue 25, not in the paper): what a skipped step adds to x_t. "none": Δ_i as it is (the
+    paper); "linear": Δ extrapolated to first order from the last two computed steps (TaylorSeer's forecast
+    on the whole-model Δ); "fitted": the same with a gain in [0, 1] measured at run time and at most one
+    computed gap ahead (easycache/forecast.py)."""
+
+    accumulate: str = "change"
+    """What is held against τ: "change" (the paper) E_t = Σ ε_n, the predicted change of the output since
+    step i; "integral" (variant) S_t = Σ_{m=i+1..t} E_m, the summed error of every output reused since step
+    i, which grows with the age of the cache (each reused output's error feeds the sampler again)."""
+
+    max_skips: int = 0
+    """Variant: at most this many skipped steps in a row (MagCache's K); 0 = no cap (the paper)."""
+
     branch: str | None = None
     """The CFG branch whose output drives k and ‖v_i‖ (e.g. "cond", as the authors' even calls); None: the
     first branch handed to update(). All branches share the one decision per step either way."""
@@ -64,6 +80,18 @@ class EasyCacheConfig:
             raise ValueError(f"EasyCacheConfig.k_update must be one of {K_UPDATES}, got {self.k_update!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"EasyCacheConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.forecast not in FORECASTS:
+            raise ValueError(f"EasyCacheConfig.forecast must be one of {FORECASTS}, got {self.forecast!r}")
+        if self.forecast != "none" and self.reuse_output:
+            raise ValueError(
+                "EasyCacheConfig: forecast extrapolates Δ; it cannot be combined with reuse_output"
+            )
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(
+                f"EasyCacheConfig.accumulate must be one of {ACCUMULATE}, got {self.accumulate!r}"
+            )
+        if isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 0:
+            raise ValueError(f"EasyCacheConfig.max_skips must be an int >= 0, got {self.max_skips!r}")
         for name in ("compute_last", "reuse_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EasyCacheConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -83,7 +111,12 @@ class StaticCacheConfig:
     compute_last: bool = True
     """Always compute the last step."""
 
+    forecast: str = "none"
+    """What a skipped step adds to x_t, as EasyCacheConfig.forecast (issue 25's ablation)."""
+
     def __post_init__(self):
+        if self.forecast not in FORECASTS:
+            raise ValueError(f"StaticCacheConfig.forecast must be one of {FORECASTS}, got {self.forecast!r}")
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"StaticCacheConfig.interval must be an int >= 1, got {self.interval!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
