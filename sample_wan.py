@@ -212,9 +212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[str]]:
     """Fill task defaults and refuse bad input before anything heavy is loaded: first every flag that needs
     no torch (a bad one answers at once), then those of the device (check_device_args imports torch)."""
-    task = TASKS[args.task]
+    task, image_size = TASKS[args.task], None
     if task.i2v:
-        check_image_args(args)
+        image_size = check_image_args(args)
         if args.size in ("832*480", "480*832") and task.sample_shift_480p is not None:
             task = I2V_480P  # the official 480P checkpoint and shift 3.0, as generate.py
             args.sample_shift = task.sample_shift_480p if args.sample_shift is None else args.sample_shift
@@ -258,14 +258,15 @@ def check_args(args: argparse.Namespace) -> tuple[Task, tuple[int, int], list[st
         checks.check_seed(args.base_seed, "--base_seed", count=args.num_seeds)
     check_launch(args)
     prompts = check_run_args(args, args.sample_steps)  # τ ≥ 0, R < steps, ... for every cache; prompts
-    check_model_args(args, task)
+    check_model_args(args, task, image_size)
     if args.base_seed == -1:
         args.base_seed = random.randint(0, 2**31 - 1)
     return task, (width, height), prompts
 
 
-def check_image_args(args: argparse.Namespace) -> None:
-    """An i2v task needs a readable --image; checked (opened and decoded) before any model loads."""
+def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
+    """An i2v task needs a readable --image; checked (opened and decoded) before any model loads. Returns its
+    (width, height)."""
     if args.image is None:
         raise ValueError(f"--task {args.task} animates an image: pass --image FILE (png, jpg, ...)")
     if os.path.isdir(args.image):
@@ -284,6 +285,7 @@ def check_image_args(args: argparse.Namespace) -> None:
         ) from None
     if min(size) < 1:
         raise checks.BadFile(f"--image {args.image} is empty")
+    return size
 
 
 def check_launch(args: argparse.Namespace, num_heads: int | None = None) -> None:
@@ -314,14 +316,20 @@ def check_launch(args: argparse.Namespace, num_heads: int | None = None) -> None
         raise ValueError("--offload_model moves the whole DiT; with --dit_fsdp each rank holds 1/N of it")
 
 
-def check_model_args(args: argparse.Namespace, task: Task) -> None:
+def check_model_args(args: argparse.Namespace, task: Task, image_size: tuple[int, int] | None = None) -> None:
     """What needs torch or models/ (imported here, after the flags above): the --device default, the official
-    negative prompt, the --cfg_batch default and the --attention kernel installed."""
+    negative prompt, the --cfg_batch default, the --attention kernel installed and, for i2v, that the image
+    (`image_size`, W x H) leaves whole DiT patches under the --size pixel budget."""
     from models.fast import check_speed_args, default_device
 
     args.device = args.device or default_device()
     if args.negative_prompt is None:
         args.negative_prompt = task.negative_prompt
+    if image_size is not None:  # the grid encode_condition will use (official: the aspect ratio kept)
+        from models.wan_i2v import latent_grid, max_area_of
+
+        stride = task.vae.spatial_stride
+        latent_grid(image_size[1], image_size[0], max_area_of(args.size), (stride, stride), (2, 2))
     if args.ulysses_size * args.ring_size > 1:  # the sequence-parallel kernel must exist for this dtype
         from models.parallel import check_parallel_attention
 

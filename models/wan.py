@@ -26,12 +26,12 @@ from torch import Tensor, nn
 from models.attention import attention
 from models.loading import (
     check_shapes,
+    checkpoint_shapes,
     download_command,
     load_sharded_safetensors,
     load_strict,
     require_files,
     safetensors_files,
-    safetensors_header,
     stream_safetensors_slices,
 )
 
@@ -657,16 +657,15 @@ def load_wan(
 
         # Keys and shapes from the headers first (no tensor read), then the final dtypes on the meta model:
         # FSDP2 groups each block's parameters by dtype when it shards.
-        files, _ = safetensors_files(ckpt_dir, WEIGHTS)
-        check_shapes(
-            model, {k: s for p, _ in files for k, (_, s) in safetensors_header(p).items()}, source=ckpt_dir
-        )
+        files, weight_map = safetensors_files(ckpt_dir, WEIGHTS)
+        weights = files[0][0] if weight_map is None else index  # the one file, or the shards' index
+        check_shapes(model, checkpoint_shapes(weights), source=ckpt_dir)
         cast_wan(model, dtype)
         tensors = stream_safetensors_slices(ckpt_dir, WEIGHTS)
         return load_sharded(model, model.blocks, tensors, device=device, source=ckpt_dir).eval()
     # Cast each tensor as it is read, into memory of its own (copy=True: a tensor left viewing the memory
-    # map, e.g. an fp32 island, would keep every shard's pages mapped): the peak is the cast model plus one
-    # shard (benchmarks/loader_memory.py), not the whole fp32 state next to its cast copy.
+    # map, e.g. an fp32 island, would keep its file pages mapped): the peak is the cast model plus one tensor
+    # (benchmarks/loader_memory.py), not the whole fp32 state next to its cast copy.
     state = load_sharded_safetensors(
         ckpt_dir, WEIGHTS, cast=lambda k, t: t.to(torch.float32 if k in keep else dtype, copy=True)
     )

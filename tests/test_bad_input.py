@@ -105,14 +105,15 @@ def test_bad_image_files(tmp_path, capsys):
     cut = tmp_path / "cut.png"
     cut.write_bytes(open(good, "rb").read()[:40])
     cases = [
-        (str(tmp_path / "missing.png"), "missing.png: no such file"),
-        (str(tmp_path / "text.png"), "is not a readable image (UnidentifiedImageError"),
-        (str(cut), "is not a readable image"),
-        (str(tmp_path), "is a folder, not an image file"),
+        (str(tmp_path / "missing.png"), 1, "missing.png: no such file"),
+        (str(tmp_path / "text.png"), 1, "is not a readable image (UnidentifiedImageError"),
+        (str(cut), 1, "is not a readable image"),
+        (str(tmp_path), 1, "is a folder, not an image file"),
+        (_png(tmp_path / "line.png", (200, 1)), 2, "leaves no whole DiT patch"),  # too elongated for 64*64
     ]
-    for image, message in cases:
+    for image, code, message in cases:
         status, line = refused(sample_wan.main, wan(tmp_path, *i2v, "--image", image), capsys)
-        assert status == 1 and message in line, line
+        assert status == code and message in line, line
     assert not (tmp_path / "out").exists()
 
 
@@ -204,6 +205,8 @@ def test_outputs_that_cannot_be_written(tmp_path, capsys):
         (["--flow-shift", "-1"], "--flow-shift must be > 0"),
         (["--seed", "-5"], "--seed must be in"),
         (["--save-path", "x.avi"], "videos are written as .mp4"),
+        (["--cache", "magcache", "--cfg-batch"], "magcache acts inside the DiT"),
+        (["--magcache.magcache_thresh", "inf", "--cache", "magcache"], "magcache_thresh must be a finite"),
     ],
 )
 def test_hunyuan_bad_flags(tmp_path, capsys, monkeypatch, extra, message):
@@ -220,6 +223,8 @@ def test_hunyuan_bad_flags(tmp_path, capsys, monkeypatch, extra, message):
         (["--aes", "nan"], "--aes must be a finite number"),
         (["--sample-name", "../../x"], "--sample-name must be a file name"),
         (["--seed", "18446744073709551616"], "--seed must be in"),
+        (["--cache", "pab", "--pab.spatial_range", "0"], "PABConfig.spatial_range must be an int >= 1"),
+        (["--cfg_batch"], "unrecognized arguments: --cfg_batch"),  # OpenSora batches CFG always
     ],
 )
 def test_opensora_bad_flags(tmp_path, capsys, monkeypatch, extra, message):
