@@ -57,11 +57,23 @@ SERIES = {
         f"easycache.thresh={TAU_INTEGRAL}",
     ),
     "static_fitted": (["--static.forecast", "fitted"], "static.interval=2,3,4,6,8"),
+    # the low end (below 1.6x) and, with a shorter warm-up R = 5, the high end (R = 10 of 40 Euler steps caps
+    # the NFE ratio at 40/11 = 3.6x and leaves few steps to skip at 3x)
+    "integral_fitted_low": (
+        ["--easycache.accumulate", "integral", "--easycache.forecast", "fitted"],
+        "easycache.thresh=0.01,0.02",
+    ),
+    "authors_r5": (["--warmup", "5"], f"easycache.thresh={TAU},0.5"),
+    "integral_fitted_r5": (
+        ["--warmup", "5", "--easycache.accumulate", "integral", "--easycache.forecast", "fitted"],
+        f"easycache.thresh={TAU_INTEGRAL},3.2,6.4",
+    ),
     "static": ([], "static.interval=2,3,4,6,8"),
     "teacache": ([], "teacache.rel_l1_thresh=0.025,0.035,0.05,0.08,0.12"),
     "magcache": (["--magcache_K", "6"], "magcache.magcache_thresh=0.05,0.1,0.2,0.5,1.0"),
     "pab": (PAB, "pab.spatial_range=2,4,8"),
 }
+JOIN = {"integral_fitted": ("integral_fitted_low",)}  # more points of the same rule, analysed as one series
 BASELINES = ("static", "teacache", "magcache", "pab")
 
 
@@ -149,11 +161,18 @@ def at(points: list[tuple[float, float]], x: float) -> float | None:
 def curves(out: str, setting: str) -> tuple[dict, dict]:
     """{series: {target: {run: PSNR}}} (only runs whose points cover the target), {series: its runs}."""
     result, runs_of = {}, {}
+    joined = {part for parts in JOIN.values() for part in parts}
     for name in SERIES:
         path = os.path.join(out, setting, f"{name}.json")
-        if not os.path.exists(path):
+        if name in joined or not os.path.exists(path):
             continue
         runs = load_runs(path, SERIES[name][1].split(".")[0])
+        for part in JOIN.get(name, ()):
+            extra = os.path.join(out, setting, f"{part}.json")
+            if os.path.exists(extra):
+                for run, pts in load_runs(extra, "easycache").items():
+                    if run in runs:
+                        runs[run] = sorted(runs[run] + pts)
         runs_of[name] = list(runs)
         result[name] = {
             x: {run: v for run, pts in runs.items() if (v := at(pts, x)) is not None} for x in TARGETS
