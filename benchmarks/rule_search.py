@@ -242,17 +242,20 @@ def plot(out: str, path: str) -> None:
 
     fig, axes = plt.subplots(1, len(SETTINGS), figsize=(6 * len(SETTINGS), 4.5), constrained_layout=True)
     for ax, setting in zip(np.atleast_1d(axes), SETTINGS):
+        joined = {part for parts in JOIN.values() for part in parts}
         for name in SERIES:
-            file = os.path.join(out, setting, f"{name}.json")
-            if not os.path.exists(file):
+            if name in joined:
                 continue
-            with open(file) as f:
-                means = json.load(f)["comparison"]["means"]
-            method = SERIES[name][1].split(".")[0]
-            means = {label: m for label, m in means.items() if label.split()[0] == method}
+            method, means = SERIES[name][1].split(".")[0], []
+            for part in (name, *JOIN.get(name, ())):
+                file = os.path.join(out, setting, f"{part}.json")
+                if os.path.exists(file):
+                    with open(file) as f:
+                        means += [m for label, m in json.load(f)["comparison"]["means"].items()
+                                  if label.split()[0] == method]  # fmt: skip
             pts = sorted(
                 (m["work_ratio"], m["psnr_global"], m.get("psnr_global_std") or 0)
-                for m in means.values()
+                for m in means
                 if math.isfinite(m.get("psnr_global", math.inf))
             )
             if pts:
