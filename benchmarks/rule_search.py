@@ -256,7 +256,7 @@ def plot(out: str, path: str) -> None:
             pts = sorted(
                 (m["work_ratio"], m["psnr_global"], m.get("psnr_global_std") or 0)
                 for m in means
-                if math.isfinite(m.get("psnr_global", math.inf))
+                if isinstance(m.get("psnr_global"), (int, float)) and math.isfinite(m["psnr_global"])
             )
             if pts:
                 xs, ys, es = zip(*pts)
