@@ -100,6 +100,9 @@ def describe_cache(stats: dict | None) -> str:
         knobs = "τ=0 R=0 (--cache analyze: the uncached run with k_t recorded)"
     elif method == "easycache":
         knobs = f"τ={cfg['thresh']} R={cfg['warmup']}"
+        # issue 25's variants and the paper's k ablation, named only when they differ from the paper's rule
+        paper = {"k_update": "local", "forecast": "none", "accumulate": "change", "max_skips": 0}
+        knobs += "".join(f" {k}={cfg[k]}" for k, v in paper.items() if cfg.get(k, v) != v)
     elif method == "teacache":
         knobs = f"τ={cfg['rel_l1_thresh']} ret_steps={cfg['ret_steps']} probe={cfg['probe']}"
     elif method == "magcache":
@@ -109,6 +112,7 @@ def describe_cache(stats: dict | None) -> str:
         knobs = " ".join(f"{k}={cfg[f'{k}_range']}@{tuple(cfg[f'{k}_threshold'])}" for k in on) or "off"
     else:
         knobs = f"n={cfg.get('interval')} R={cfg.get('warmup')}"
+        knobs += f" forecast={cfg['forecast']}" if cfg.get("forecast", "none") != "none" else ""
     nfe = f"{stats['nfe_ratio']:.2f}x" if stats.get("nfe_ratio") else "n/a"
     work = f", work ratio {stats['work_ratio']:.2f}x" if method == "pab" and stats.get("work_ratio") else ""
     done = f"computed {stats['num_computed']}/{stats['num_steps']} steps"

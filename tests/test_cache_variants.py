@@ -133,3 +133,17 @@ def test_fitted_forecast_looks_at_most_one_gap_ahead():
         else:
             torch.testing.assert_close(cache.reuse(x), x + a + b * 4, rtol=0, atol=1e-5)
     assert cache.stats["skipped_steps"] == [4, 5, 6, 7]
+
+
+def test_the_summary_names_a_variant_only_when_it_is_not_the_papers_rule():
+    from easycache.report import describe_cache
+
+    xs = linear_trajectory(6)
+    paper = EasyCache(EasyCacheConfig(thresh=1e9, warmup=2), num_steps=6)
+    variant = EasyCache(EasyCacheConfig(thresh=1e9, warmup=2, forecast="fitted", accumulate="integral"), 6)
+    for cache in (paper, variant):
+        run(cache, xs, lambda x: 2 * x)
+    assert describe_cache(paper.stats).startswith("easycache τ=1000000000.0 R=2: ")
+    assert describe_cache(variant.stats).startswith(
+        "easycache τ=1000000000.0 R=2 forecast=fitted accumulate=integral:"
+    )
