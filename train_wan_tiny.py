@@ -443,6 +443,17 @@ def save_dit_state(
     )
 
 
+def load_dit_state(path: str, model: torch.nn.Module, ema: torch.nn.Module, opt, gen: torch.Generator) -> int:
+    """Resume a DiT run from `save_dit_state`'s file; returns the step to continue from."""
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    if "opt" in state:  # absent at step 0 of a fine-tune made by --init_from
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+    return state["step"]
+
+
 def train_dit(args) -> None:
     data = torch.load(os.path.join(args.work_dir, "latents.pt"), weights_only=False)
     check_geometry(data, os.path.join(args.work_dir, "latents.pt"), args.shapes)
@@ -463,13 +474,7 @@ def train_dit(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen, step = torch.Generator().manual_seed(args.seed + 4), 0
     if os.path.exists(path):
-        state = torch.load(path, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        step = state["step"]
-        if "opt" in state:  # absent at step 0 of a fine-tune made by --init_from
-            opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
+        step = load_dit_state(path, model, ema, opt, gen)
     total = args.dit_steps * args.dit_cycles
     bar = tqdm(range(step, total), initial=step, total=total, desc="dit")
     for step in bar:

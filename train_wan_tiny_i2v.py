@@ -37,7 +37,7 @@ from models.wan_clip import CLIP_FILE, CLIP_TINY, WanClipEncoder, convert_clip_v
 from models.wan_i2v import encode_condition, resize_image
 from models.wan_t5 import UMT5_TINY, WanTextEncoder, pad_context
 from models.wan_vae import WAN_VAE_FILE, WAN_VAE_TINY, WanVAE
-from train_wan_tiny import dit_update, log, save_dit_state, save_state, warm_cosine
+from train_wan_tiny import dit_update, load_dit_state, log, save_dit_state, save_state, warm_cosine
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 DIT_FILE = f"{WEIGHTS}.safetensors"
@@ -141,12 +141,7 @@ def train_dit(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen, step = torch.Generator().manual_seed(args.seed + 4), 0
     if os.path.exists(path):
-        state = torch.load(path, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        step = state["step"]
+        step = load_dit_state(path, model, ema, opt, gen)
     else:
         init = init_i2v_from_t2v(load_file(os.path.join(args.t2v_dir, DIT_FILE)), args.seed)
         model.load_state_dict(init)

@@ -24,10 +24,12 @@ from train_wan_tiny import (
     flow_loss,
     init_from,
     latent_masks,
+    load_dit_state,
     make_latents,
     parse_shifts,
     parse_stages,
     probe,
+    save_dit_state,
     steering,
     swap_word,
     train_decoder,
@@ -396,3 +398,26 @@ def test_dit_update_steps_the_model_and_ramps_the_ema():
     for b, p, e in zip(before, model.parameters(), ema.parameters()):
         assert not torch.equal(p, b)
         torch.testing.assert_close(e, 0.1 * b + 0.9 * p.detach(), rtol=0, atol=1e-6)
+
+
+def test_dit_state_round_trip_and_a_fine_tune_start_without_optimiser(tmp_path):
+    # what both DiT runs (T2V and I2V) resume from: weights, EMA, optimiser, generator, the next step
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    dit_update(model, ema, opt, model(torch.ones(1, 3)).sum(), 0, 0.999)
+    gen = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=gen)
+    path = str(tmp_path / "dit_state.pt")
+    save_dit_state(path, model, ema, opt, gen, 7)
+    model2, ema2 = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt2, gen2 = torch.optim.AdamW(model2.parameters(), lr=0.1), torch.Generator()
+    assert load_dit_state(path, model2, ema2, opt2, gen2) == 7
+    for a, b in ((model, model2), (ema, ema2)):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(torch.rand(3, generator=gen), torch.rand(3, generator=gen2))
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    # --init_from writes weights and step 0 only: the optimiser and generator stay fresh
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 0}, path)
+    opt3 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    assert load_dit_state(path, model2, ema2, opt3, torch.Generator()) == 0 and not opt3.state_dict()["state"]
