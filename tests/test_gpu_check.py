@@ -95,11 +95,9 @@ def test_small_run_writes_json_and_markdown(tmp_path):
     assert 0 < case["seconds"] <= saved["environment"]["total_seconds"]  # the duration is reported
 
 
-def test_small_opensora_run_has_ours_only(tmp_path):
-    """OpenSora 1.2 has no diffusers class and always batches its CFG pair: ours, batch 2, with the cache
-    costs against that one call."""
-    out = tmp_path / "gc"
-    argv = [
+def small_opensora_argv(out) -> list[str]:
+    """The quickest OpenSora-only check: small size, eager, one warm-up and one timed repetition."""
+    return [
         "--small",
         "--models",
         "opensora",
@@ -111,7 +109,13 @@ def test_small_opensora_run_has_ours_only(tmp_path):
         "--out",
         str(out),
     ]
-    (case,) = gpu_check.main(argv)["cases"]
+
+
+def test_small_opensora_run_has_ours_only(tmp_path):
+    """OpenSora 1.2 has no diffusers class and always batches its CFG pair: ours, batch 2, with the cache
+    costs against that one call."""
+    out = tmp_path / "gc"
+    (case,) = gpu_check.main(small_opensora_argv(out))["cases"]
     assert case["tokens"] == 5 * 8 * 8 and case["rel_diff_vs_diffusers"] is None
     assert [(r["label"], r["batch"]) for r in case["rows"]] == [("ours (sdpa) (batched CFG, as always)", 2)]
     s = case["summary"]
@@ -129,19 +133,7 @@ def test_another_attention_kernel_is_compared_with_sdpa(tmp_path, monkeypatch):
     SDPA's on the same inputs. On the CPU "auto" stands in for it: it runs SDPA, so the difference is 0."""
     monkeypatch.setattr(gpu_check, "resolve_backend", lambda *args: "auto")
     out = tmp_path / "gc"
-    argv = [
-        "--small",
-        "--models",
-        "opensora",
-        "--no-compile",
-        "--warmup",
-        "1",
-        "--reps",
-        "1",
-        "--out",
-        str(out),
-    ]
-    (case,) = gpu_check.main(argv)["cases"]
+    (case,) = gpu_check.main(small_opensora_argv(out))["cases"]
     assert case["summary"]["attention_rel_diff_vs_sdpa"] == 0.0 and case["rows"][0]["attention"] == "auto"
     assert "| 0.00e+00 |" in (out / "gpu_check.md").read_text()
 
