@@ -135,12 +135,11 @@ class StepCache:
         branches = self._branches(v, x)
         if self.branch is not None and self.branch not in branches:
             raise ValueError(f"the statistics read branch {self.branch!r}, but update() got {list(branches)}")
-        self._observe(x, branches[self.branch if self.branch is not None else self._names[0]])
+        stats_branch = self.branch if self.branch is not None else self._names[0]
+        self._observe(x, branches[stats_branch])
         self._delta = {name: b - x for name, b in branches.items()}  # Δ_t = v_t − x_t
         if self._forecast is not None:
-            self._forecast.push(
-                self._step, self._delta, self.branch if self.branch is not None else self._names[0]
-            )
+            self._forecast.push(self._step, self._delta, stats_branch)
         self._last_x = x.detach().clone()
         self._records[-1]["dit_seconds"] = dit_seconds
         self._pending = None

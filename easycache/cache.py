@@ -68,8 +68,7 @@ class EasyCache(StepCache):
     def _decide(self, step: int, x: Tensor, record: dict) -> tuple[bool, str]:
         cfg = self.config
         if step < cfg.warmup or (cfg.compute_last and step == self.num_steps - 1):
-            self.acc = self.integral = 0.0  # warm-up and the last step always compute and reset E
-            self.run = 0
+            self._restart()  # warm-up and the last step always compute and reset E
             record["acc"] = 0.0
             return True, "warmup" if step < cfg.warmup else "last_step"
         # One host sync per decision: fetch ‖x_t − x_{t−1}‖, ‖v_i‖ and the rates measured since the last
@@ -87,8 +86,7 @@ class EasyCache(StepCache):
         if bad_rate or not (math.isfinite(input_change) and math.isfinite(last_v_norm) and last_v_norm > 0):
             # A zero denominator (no input change between the two computed steps, an all-zero output) or a
             # non-finite statistic: the prediction is meaningless, so compute and start afresh.
-            self.acc = self.integral = 0.0
-            self.run = 0
+            self._restart()
             record["note"] = "degenerate statistic: " + (
                 "transformation rate is not finite"
                 if bad_rate
@@ -105,9 +103,13 @@ class EasyCache(StepCache):
             self.run += 1
             return False, "reuse"
         self._before_reset = (self.acc, self.integral, self.run)  # for _follow, should rank 0 have skipped
-        self.acc = self.integral = 0.0  # E_t ≥ τ: compute this step and restart the accumulation
-        self.run = 0
+        self._restart()  # E_t ≥ τ: compute this step and restart the accumulation
         return True, "threshold" if not capped or measure >= cfg.thresh else "max_skips"
+
+    def _restart(self) -> None:
+        """A computed step: the accumulated change E, its integral S and the run of skips start from zero."""
+        self.acc = self.integral = 0.0
+        self.run = 0
 
     def _observe(self, x: Tensor, v: Tensor) -> None:
         if self._last_v is not None:
@@ -124,8 +126,7 @@ class EasyCache(StepCache):
         # Rank 0 computed: E restarts, as after any computed step. Rank 0 skipped: E_t stays accumulated
         # (this rank's E_t, which reached τ here, equals rank 0's but for the last bits).
         if compute:
-            self.acc = self.integral = 0.0
-            self.run = 0
+            self._restart()
         elif record["acc"] is not None:
             self.acc, self.integral, run = self._before_reset
             self.run = run + 1
